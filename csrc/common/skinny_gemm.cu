@@ -1,0 +1,329 @@
+// WMMA kernels for skinny products (see skinny_gemm.h). Portable across sm_80+.
+// Both kernels stream the long operand X once, tile by tile, through shared
+// memory with a one-tile register prefetch, and split the reduction over the
+// grid so that a few hundred blocks keep memory busy; partial sums meet in the
+// fp32 output through atomicAdd.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <mma.h>
+
+#include "common/cuda_utils.cuh"
+#include "common/skinny_gemm.h"
+
+namespace lrk {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+constexpr int kThreads = 128;  // 4 warps
+
+struct DeviceDropout {
+  uint64_t seed;
+  uint32_t threshold;  // 0: off
+  float scale;
+};
+
+// Loads a ROWS x COLS tile of a row-major [nrows, ncols] matrix into registers
+// (8 elements per slot), zero-filling outside the matrix and applying dropout by
+// the element's logical index; then stores it into shared memory [ROWS][ld].
+// kVec: ncols % 8 == 0 and a 16-byte aligned base, so each slot is one 16-byte load.
+template <typename T, int ROWS, int COLS, bool kVec>
+struct TileLoader {
+  static_assert(COLS % 8 == 0, "tile width must be a multiple of 8");
+  static constexpr int kSlots = ROWS * COLS / 8;
+  static constexpr int kPerThread = (kSlots + kThreads - 1) / kThreads;
+  uint4 regs[kPerThread];
+
+  __device__ __forceinline__ void load(const T* __restrict__ src, int64_t nrows, int64_t ncols, int64_t row0,
+                                       int64_t col0, const DeviceDropout& drop) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int slot = threadIdx.x + i * kThreads;
+      T* v = reinterpret_cast<T*>(&regs[i]);
+      regs[i] = make_uint4(0, 0, 0, 0);
+      if (kSlots % kThreads != 0 && slot >= kSlots) continue;
+      const int64_t gr = row0 + slot / (COLS / 8);
+      const int64_t gc = col0 + (slot % (COLS / 8)) * 8;
+      if (gr >= nrows) continue;
+      const int64_t e0 = gr * ncols + gc;  // logical index of the first element
+      if constexpr (kVec) {
+        if (gc >= ncols) continue;
+        regs[i] = *reinterpret_cast<const uint4*>(src + e0);
+        if (drop.threshold != 0) {
+          const Philox4 lo = philox4x32_10(static_cast<uint64_t>(e0) >> 2, drop.seed);
+          const Philox4 hi = philox4x32_10((static_cast<uint64_t>(e0) >> 2) + 1, drop.seed);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const uint32_t word = j < 4 ? lo.v[j] : hi.v[j - 4];
+            v[j] = cuda::from_float<T>(word >= drop.threshold ? cuda::to_float(v[j]) * drop.scale : 0.f);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (gc + j < ncols) {
+            float val = cuda::to_float(src[e0 + j]);
+            if (drop.threshold != 0) {
+              val = dropout_keep(static_cast<uint64_t>(e0 + j), drop.seed, drop.threshold) ? val * drop.scale : 0.f;
+            }
+            v[j] = cuda::from_float<T>(val);
+          }
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(T* smem, int ld) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int slot = threadIdx.x + i * kThreads;
+      if (kSlots % kThreads != 0 && slot >= kSlots) continue;
+      *reinterpret_cast<uint4*>(smem + (slot / (COLS / 8)) * ld + (slot % (COLS / 8)) * 8) = regs[i];
+    }
+  }
+};
+
+__device__ __forceinline__ void accumulate(float* out, float v, bool atomic) {
+  if (atomic) {
+    atomicAdd(out, v);
+  } else {
+    *out += v;
+  }
+}
+
+// out[M, R] += alpha * dropout(X)[M, K] @ Bop[R, K]^T. Block: 64 rows x BR ranks,
+// a K range of k_chunk (a multiple of 32); warp w owns rows 16w..16w+15.
+template <typename T, int BR, bool kVec>
+__global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restrict__ X, const T* __restrict__ Bop,
+                                                              float* __restrict__ out, int64_t M, int64_t K,
+                                                              int64_t R, int64_t k_chunk, float alpha,
+                                                              DeviceDropout drop) {
+  constexpr int BM = 64, BK = 32, LDS = BK + 8, LDC = BR + 4;
+  __shared__ __align__(32) T xs[BM * LDS];
+  __shared__ __align__(32) T bs[BR * LDS];
+  __shared__ __align__(32) float cs[BM * LDC];
+  const int warp = threadIdx.x / 32;
+  const int64_t row0 = int64_t(blockIdx.x) * BM;
+  const int64_t rank0 = int64_t(blockIdx.z) * BR;
+  const int64_t kbeg = int64_t(blockIdx.y) * k_chunk;
+  const int64_t kend = std::min<int64_t>(K, kbeg + k_chunk);
+  const DeviceDropout no_drop{0, 0, 1.f};
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BR / 16];
+#pragma unroll
+  for (int j = 0; j < BR / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+
+  TileLoader<T, BM, BK, kVec> xl;
+  TileLoader<T, BR, BK, kVec> bl;
+  if (kbeg < kend) {
+    xl.load(X, M, K, row0, kbeg, drop);
+    bl.load(Bop, R, K, rank0, kbeg, no_drop);
+  }
+  for (int64_t k = kbeg; k < kend; k += BK) {
+    xl.store(xs, LDS);
+    bl.store(bs, LDS);
+    __syncthreads();
+    if (k + BK < kend) {  // next tile in flight during the math
+      xl.load(X, M, K, row0, k + BK, drop);
+      bl.load(Bop, R, K, rank0, k + BK, no_drop);
+    }
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, xs + warp * 16 * LDS + kk, LDS);
+#pragma unroll
+      for (int j = 0; j < BR / 16; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, bs + j * 16 * LDS + kk, LDS);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < BR / 16; ++j) {
+    wmma::store_matrix_sync(cs + warp * 16 * LDC + j * 16, acc[j], LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+  const bool atomic = gridDim.y > 1;
+  for (int i = threadIdx.x; i < BM * BR; i += kThreads) {
+    const int64_t gr = row0 + i / BR, gc = rank0 + i % BR;
+    if (gr < M && gc < R) accumulate(out + gr * R + gc, alpha * cs[(i / BR) * LDC + i % BR], atomic);
+  }
+}
+
+// out[R, K] += alpha * D[M, R]^T @ dropout(X)[M, K]. Block: BR ranks x 128
+// columns, an M range of m_chunk (a multiple of 32); warp w owns columns 32w..32w+31.
+template <typename T, int BR, bool kVec>
+__global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restrict__ D, const T* __restrict__ X,
+                                                              float* __restrict__ out, int64_t M, int64_t K,
+                                                              int64_t R, int64_t m_chunk, float alpha,
+                                                              DeviceDropout drop) {
+  constexpr int BMc = 32, BKc = 128, LDX = BKc + 8, LDD = BR + 8, LDC = BKc + 4;
+  __shared__ __align__(32) T ds[BMc * LDD];
+  __shared__ __align__(32) T xs[BMc * LDX];
+  __shared__ __align__(32) float cs[BR * LDC];
+  const int warp = threadIdx.x / 32;
+  const int64_t col0 = int64_t(blockIdx.x) * BKc;
+  const int64_t rank0 = int64_t(blockIdx.y) * BR;
+  const int64_t mbeg = int64_t(blockIdx.z) * m_chunk;
+  const int64_t mend = std::min<int64_t>(M, mbeg + m_chunk);
+  const DeviceDropout no_drop{0, 0, 1.f};
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BR / 16][2];
+#pragma unroll
+  for (int i = 0; i < BR / 16; ++i) {
+    wmma::fill_fragment(acc[i][0], 0.f);
+    wmma::fill_fragment(acc[i][1], 0.f);
+  }
+
+  TileLoader<T, BMc, BR, false> dl;  // rank count is arbitrary: element loads
+  TileLoader<T, BMc, BKc, kVec> xl;
+  if (mbeg < mend) {
+    dl.load(D, M, R, mbeg, rank0, no_drop);
+    xl.load(X, M, K, mbeg, col0, drop);
+  }
+  for (int64_t m = mbeg; m < mend; m += BMc) {
+    dl.store(ds, LDD);
+    xl.store(xs, LDX);
+    __syncthreads();
+    if (m + BMc < mend) {
+      dl.load(D, M, R, m + BMc, rank0, no_drop);
+      xl.load(X, M, K, m + BMc, col0, drop);
+    }
+#pragma unroll
+    for (int mm = 0; mm < BMc; mm += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+      wmma::load_matrix_sync(b[0], xs + mm * LDX + warp * 32, LDX);
+      wmma::load_matrix_sync(b[1], xs + mm * LDX + warp * 32 + 16, LDX);
+#pragma unroll
+      for (int i = 0; i < BR / 16; ++i) {
+        // D^T tile (ranks x rows) read column-major straight from the [rows][ranks] smem tile.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+        wmma::load_matrix_sync(a, ds + mm * LDD + i * 16, LDD);
+        wmma::mma_sync(acc[i][0], a, b[0], acc[i][0]);
+        wmma::mma_sync(acc[i][1], a, b[1], acc[i][1]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < BR / 16; ++i) {
+    wmma::store_matrix_sync(cs + i * 16 * LDC + warp * 32, acc[i][0], LDC, wmma::mem_row_major);
+    wmma::store_matrix_sync(cs + i * 16 * LDC + warp * 32 + 16, acc[i][1], LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+  const bool atomic = gridDim.z > 1;
+  for (int i = threadIdx.x; i < BR * BKc; i += kThreads) {
+    const int64_t gr = rank0 + i / BKc, gc = col0 + i % BKc;
+    if (gr < R && gc < K) accumulate(out + gr * K + gc, alpha * cs[(i / BKc) * LDC + i % BKc], atomic);
+  }
+}
+
+DeviceDropout to_device(const DropoutParams& d) {
+  return DeviceDropout{d.seed, d.threshold, static_cast<float>(d.scale)};
+}
+
+// Splits a reduction of `length` (in steps of `step`) so that about four blocks
+// per multiprocessor run; returns the chunk length (a multiple of step).
+int64_t reduction_chunk(int64_t length, int64_t step, int64_t other_blocks) {
+  const int64_t target = 4LL * cuda::sm_count();
+  const int64_t steps = cuda::ceil_div(length, step);
+  const int64_t splits = std::clamp<int64_t>(cuda::ceil_div(target, std::max<int64_t>(other_blocks, 1)), 1, steps);
+  return cuda::ceil_div(steps, splits) * step;
+}
+
+void check_skinny_args(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                       const at::Tensor& out) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && out.is_cuda(), "skinny gemm: CUDA tensors expected");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
+              "skinny gemm: ", a_name, " and ", b_name, " must both be bfloat16 or float16");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "skinny gemm: contiguous operands and a float32 output expected");
+}
+
+template <typename F>
+void with_rank_tile(int64_t R, F&& f) {
+  if (R <= 16) {
+    f(std::integral_constant<int, 16>{});
+  } else if (R <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, 64>{});
+  }
+}
+
+template <typename F>
+void with_vec(bool vec, F&& f) {
+  if (vec) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename F>
+void with_half_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) {
+    f(__nv_bfloat16{});
+  } else {
+    f(__half{});
+  }
+}
+
+}  // namespace
+
+void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tensor& out, double alpha,
+                           const DropoutParams& drop) {
+  check_skinny_args(X, "X", Bop, "Bop", out);
+  const int64_t M = X.size(0), K = X.size(1), R = Bop.size(0);
+  TORCH_CHECK(Bop.size(1) == K && out.size(0) == M && out.size(1) == R, "skinny_rows_gemm: shape mismatch");
+  if (M == 0 || R == 0 || K == 0) return;
+  const c10::cuda::CUDAGuard guard(X.device());
+  const bool vec = K % 8 == 0 && cuda::aligned16(X.const_data_ptr()) && cuda::aligned16(Bop.const_data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  with_half_type(X.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    with_rank_tile(R, [&](auto br) {
+      constexpr int BR = decltype(br)::value;
+      with_vec(vec, [&](auto v) {
+        const int64_t gx = cuda::ceil_div(M, 64), gz = cuda::ceil_div(R, BR);
+        const int64_t chunk = reduction_chunk(K, 32, gx * gz);
+        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(cuda::ceil_div(K, chunk)),
+                        static_cast<unsigned>(gz));
+        skinny_rows_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+            reinterpret_cast<const T*>(X.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
+            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha), to_device(drop));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor& out, double alpha,
+                           const DropoutParams& drop) {
+  check_skinny_args(D, "D", X, "X", out);
+  const int64_t M = X.size(0), K = X.size(1), R = D.size(1);
+  TORCH_CHECK(D.size(0) == M && out.size(0) == R && out.size(1) == K, "skinny_cols_gemm: shape mismatch");
+  if (M == 0 || R == 0 || K == 0) return;
+  const c10::cuda::CUDAGuard guard(X.device());
+  const bool vec = K % 8 == 0 && cuda::aligned16(X.const_data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  with_half_type(X.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    with_rank_tile(R, [&](auto br) {
+      constexpr int BR = decltype(br)::value;
+      with_vec(vec, [&](auto v) {
+        const int64_t gx = cuda::ceil_div(K, 128), gy = cuda::ceil_div(R, BR);
+        const int64_t chunk = reduction_chunk(M, 32, gx * gy);
+        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                        static_cast<unsigned>(cuda::ceil_div(M, chunk)));
+        skinny_cols_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+            reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
+            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha), to_device(drop));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+}  // namespace lrk

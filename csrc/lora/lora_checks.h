@@ -1,0 +1,80 @@
+#pragma once
+// Argument validation for the fused LoRA ops, shared by the CPU and CUDA kernels.
+#include <optional>
+
+#include "common/checks.h"
+
+namespace lrk {
+
+struct LoraDims {
+  int64_t M;  // rows of x after flattening its leading dims
+  int64_t K;  // in features
+  int64_t N;  // out features
+  int64_t r;  // rank
+};
+
+inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                  const at::Tensor& lora_b, double scale, double dropout_p) {
+  check_float_tensor(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "x: expected a tensor of shape [..., in_features], got a 0-D tensor");
+  check_float_tensor(weight, "weight");
+  check_float_tensor(lora_a, "lora_a");
+  check_float_tensor(lora_b, "lora_b");
+  check_same_dtype(weight, "weight", x, "x");
+  check_same_dtype(lora_a, "lora_a", x, "x");
+  check_same_dtype(lora_b, "lora_b", x, "x");
+  check_same_device(weight, "weight", x, "x");
+  check_same_device(lora_a, "lora_a", x, "x");
+  check_same_device(lora_b, "lora_b", x, "x");
+  check_dim(weight, "weight", 2);
+  check_dim(lora_a, "lora_a", 2);
+  check_dim(lora_b, "lora_b", 2);
+  const int64_t K = x.size(-1);
+  const int64_t N = weight.size(0);
+  check_size(weight, "weight", 1, K, "in_features = x.shape[-1]");
+  const int64_t r = lora_a.size(0);
+  TORCH_CHECK(r >= 1, "lora_a: rank (dim 0) must be at least 1, got shape ", lora_a.sizes());
+  TORCH_CHECK(r <= std::min(K, N), "lora_a: rank ", r, " is larger than min(in_features, out_features) = ",
+              std::min(K, N));
+  check_size(lora_a, "lora_a", 1, K, "in_features = x.shape[-1]");
+  check_size(lora_b, "lora_b", 0, N, "out_features = weight.shape[0]");
+  check_size(lora_b, "lora_b", 1, r, "rank = lora_a.shape[0]");
+  if (bias.has_value() && bias->defined()) {
+    check_float_tensor(*bias, "bias");
+    check_same_dtype(*bias, "bias", x, "x");
+    check_same_device(*bias, "bias", x, "x");
+    check_dim(*bias, "bias", 1);
+    check_size(*bias, "bias", 0, N, "out_features = weight.shape[0]");
+  }
+  check_finite(scale, "scale");
+  check_probability(dropout_p, "dropout_p");
+  return LoraDims{x.numel() / std::max<int64_t>(K, 1), K, N, r};
+}
+
+inline LoraDims check_lora_bwd_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& h,
+                                      double scale, double dropout_p) {
+  const LoraDims d = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, scale, dropout_p);
+  check_float_tensor(grad_y, "grad_y");
+  check_same_dtype(grad_y, "grad_y", x, "x");
+  check_same_device(grad_y, "grad_y", x, "x");
+  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(-1) == d.N && grad_y.numel() == d.M * d.N,
+              "grad_y: expected shape [..., ", d.N, "] with the leading dims of x ", x.sizes(), ", got ",
+              grad_y.sizes());
+  check_float_tensor(h, "h");
+  check_same_dtype(h, "h", x, "x");
+  check_same_device(h, "h", x, "x");
+  TORCH_CHECK(h.size(-1) == d.r && h.numel() == d.M * d.r, "h: expected shape [..., ", d.r,
+              "] with the leading dims of x ", x.sizes(), ", got ", h.sizes());
+  return d;
+}
+
+// Shape of an output [..., last] with the leading dims of x.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+}  // namespace lrk

@@ -1,0 +1,107 @@
+"""Python side of lrk's ops: fake (meta) kernels, autograd formulas and thin wrappers.
+
+Schemas live in csrc/registration.cpp; CPU and CUDA kernels in csrc/<family>/.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@torch.library.register_fake("lrk::philox_dropout")
+def _philox_dropout_fake(x: Tensor, p: float, seed: int) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _philox_dropout_setup(ctx, inputs, output):
+    _, ctx.p, ctx.seed = inputs
+
+
+def _philox_dropout_backward(ctx, grad):
+    # The mask is a function of (seed, index): the gradient is the same dropout.
+    return torch.ops.lrk.philox_dropout(grad, ctx.p, ctx.seed), None, None
+
+
+torch.library.register_autograd(
+    "lrk::philox_dropout", _philox_dropout_backward, setup_context=_philox_dropout_setup)
+
+
+def philox_dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    """Dropout with lrk's counter-based mask: a pure function of (seed, element index)."""
+    return torch.ops.lrk.philox_dropout(x, p, seed)
+
+
+# ----------------------------------------------------------------------------- fused LoRA
+
+
+@torch.library.register_fake("lrk::lora_fused_fwd")
+def _lora_fused_fwd_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    torch._check(x.dim() >= 1, lambda: "x: expected a tensor of shape [..., in_features]")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
+                 lambda: f"weight: expected shape [out_features, {x.shape[-1]}], got {tuple(weight.shape)}")
+    torch._check(lora_a.dim() == 2 and lora_a.shape[1] == x.shape[-1],
+                 lambda: f"lora_a: expected shape [rank, {x.shape[-1]}], got {tuple(lora_a.shape)}")
+    torch._check(lora_b.dim() == 2 and lora_b.shape[0] == weight.shape[0] and lora_b.shape[1] == lora_a.shape[0],
+                 lambda: f"lora_b: expected shape [{weight.shape[0]}, {lora_a.shape[0]}], got {tuple(lora_b.shape)}")
+    lead = tuple(x.shape[:-1])
+    return x.new_empty(lead + (weight.shape[0],)), x.new_empty(lead + (lora_a.shape[0],))
+
+
+@torch.library.register_fake("lrk::lora_fused_bwd")
+def _lora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, need_grad_x):
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return grad_x, x.new_empty(lora_a.shape), x.new_empty(lora_b.shape)
+
+
+def _lora_fused_fwd_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    _, h = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, h)  # x and h only: no mask, no dropped x
+    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+
+
+def _lora_fused_fwd_backward(ctx, grad_y, grad_h):
+    x, weight, lora_a, lora_b, h = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    p, seed = ctx.dropout_p, ctx.seed
+    k, n, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    if grad_y is not None:
+        gx, grad_a, grad_b = torch.ops.lrk.lora_fused_bwd(
+            grad_y, x, weight, lora_a, lora_b, h, ctx.scale, p, seed, need_x)
+        grad_x = gx if need_x else None
+        dy2 = grad_y.reshape(-1, n)
+        if need_w:
+            grad_w = dy2.t() @ x.reshape(-1, k)
+        if need_bias:
+            grad_bias = dy2.sum(0)
+    if grad_h is not None:  # only when a caller used h itself
+        gh = grad_h.reshape(-1, r)
+        x_drop = torch.ops.lrk.philox_dropout(x, p, seed) if p > 0 else x
+        ga = gh.t() @ x_drop.reshape(-1, k)
+        grad_a = ga if grad_a is None else grad_a + ga
+        if need_x:
+            t = (gh @ lora_a).reshape(x.shape)
+            t = torch.ops.lrk.philox_dropout(t, p, seed) if p > 0 else t
+            grad_x = t if grad_x is None else grad_x + t
+    return (grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None,
+            None, None, None)
+
+
+torch.library.register_autograd(
+    "lrk::lora_fused_fwd", _lora_fused_fwd_backward, setup_context=_lora_fused_fwd_setup)
+
+
+def lora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+               scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0) -> Tensor:
+    """``y = x @ weight^T + bias + scale * (dropout(x) @ lora_a^T) @ lora_b^T``.
+
+    x: [..., K]; weight: [N, K]; bias: [N] or None; lora_a: [r, K]; lora_b: [N, r].
+    The dropout mask is regenerated from ``seed`` in backward (use a new seed each step).
+    Gradients flow to x, lora_a, lora_b, and to weight / bias when they require grad.
+    """
+    return torch.ops.lrk.lora_fused(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed))

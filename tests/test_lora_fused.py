@@ -1,0 +1,216 @@
+"""torch.ops.lrk.lora_fused: values and gradients vs the float64 reference,
+gradcheck, opcheck, torch.compile, and bad input."""
+import math
+
+import pytest
+import torch
+
+import lrk
+from lrk import reference as ref
+from conftest import DEVICES
+from helpers import assert_close, poison_cuda_allocator
+
+# (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
+# ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path).
+SHAPES = [
+    ((0,), 40, 24, 3),
+    ((1,), 33, 17, 1),
+    ((7,), 29, 45, 3),
+    ((2, 5), 21, 19, 4),          # 3-D input
+    ((513,), 257, 130, 64),
+    ((513,), 200, 136, 128),
+    ((64,), 128, 96, 16),
+    ((3, 100), 136, 264, 32),
+    ((130,), 64, 520, 48),
+]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(lead, K, N, r, dtype, device, bias=True, weight_grad=False):
+    g = torch.Generator().manual_seed(hash((lead, K, N, r, str(dtype))) % 2**31)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).to(device)
+
+    x = rnd(*lead, K).requires_grad_()
+    w = rnd(N, K, std=1 / math.sqrt(K)).requires_grad_(weight_grad)
+    b = rnd(N).requires_grad_(weight_grad) if bias else None
+    a = rnd(r, K, std=1 / math.sqrt(K)).requires_grad_()
+    bb = rnd(N, r, std=1 / math.sqrt(r)).requires_grad_()
+    return x, w, b, a, bb
+
+
+def _reference(x, w, b, a, bb, scale, p, seed):
+    leaf = [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None
+            for t in (x, w, b, a, bb)]
+    return leaf, ref.lora_fused(*leaf, scale, p, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
+    if dtype == torch.float64 and device == "cuda" and lead[0] > 100:
+        pytest.skip("fp64 on CUDA is covered by the small shapes")
+    scale, seed = 1.7, int(torch.randint(0, 2**40, ()).item())
+    x, w, b, a, bb = _inputs(lead, K, N, r, dtype, device, weight_grad=(r == 3))
+    poison_cuda_allocator(device)
+    y = lrk.lora_fused(x, w, b, a, bb, scale, p, seed)
+    leaf, y_ref = _reference(x, w, b, a, bb, scale, p, seed)
+    assert y.shape == y_ref.shape and y.dtype == dtype and y.device.type == device
+    factor = 10 if device == "cuda" and dtype == torch.float32 else 1  # cuBLAS fp32 order: 1e-4 bound
+    assert_close(y, y_ref, dtype, "y", factor)
+    if y.numel() == 0:
+        return
+    gy = torch.randn_like(y_ref).to(dtype).to(device)
+    poison_cuda_allocator(device)
+    y.backward(gy)
+    y_ref.backward(gy.double().cpu())
+    for name, t, t_ref in zip(("x", "weight", "bias", "lora_a", "lora_b"), (x, w, b, a, bb), leaf):
+        if t is None or not t.requires_grad:
+            continue
+        assert t.grad is not None, f"no gradient for {name}"
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape
+        assert_close(t.grad, t_ref.grad, dtype, f"grad {name}", factor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_bias_and_frozen_x(device):
+    x, w, _, a, bb = _inputs((9,), 31, 23, 5, torch.float32, device, bias=False)
+    x = x.detach()
+    y = lrk.lora_fused(x, w, None, a, bb, 0.5, 0.0, 0)
+    y.sum().backward()
+    leaf, y_ref = _reference(x, w, None, a, bb, 0.5, 0.0, 0)
+    y_ref.sum().backward()
+    assert_close(y, y_ref, torch.float32, "y")
+    assert x.grad is None
+    assert_close(a.grad, leaf[3].grad, torch.float32, "grad lora_a")
+    assert_close(bb.grad, leaf[4].grad, torch.float32, "grad lora_b")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    x, w, b, a, bb = _inputs((12,), 30, 22, 4, torch.float32, device)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # column-major [M, K]
+    xs = torch.randn(12, 60, device=device)[:, ::2].requires_grad_()  # strided view
+    wt = w.detach().t().contiguous().t()
+    for xin in (xt, xs):
+        y = lrk.lora_fused(xin, wt, b, a, bb, 2.0, 0.2, 5)
+        leaf, y_ref = _reference(xin, wt, b, a, bb, 2.0, 0.2, 5)
+        assert_close(y, y_ref, torch.float32, "y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_regenerated_in_backward(device):
+    """Backward must use the forward's mask: compare with the reference at one seed,
+    and check that another seed gives other gradients."""
+    x, w, b, a, bb = _inputs((33,), 40, 20, 4, torch.float64, device)
+    y = lrk.lora_fused(x, w, b, a, bb, 1.0, 0.5, 123)
+    (ga1,) = torch.autograd.grad(y.sum(), a)
+    y2 = lrk.lora_fused(x, w, b, a, bb, 1.0, 0.5, 124)
+    (ga2,) = torch.autograd.grad(y2.sum(), a)
+    assert not torch.allclose(ga1, ga2)
+    leaf, y_ref = _reference(x, w, b, a, bb, 1.0, 0.5, 123)
+    y_ref.sum().backward()
+    assert_close(ga1, leaf[3].grad, torch.float64, "grad lora_a")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck(device, p):
+    x, w, b, a, bb = _inputs((2, 3), 7, 5, 2, torch.float64, device, weight_grad=True)
+    fn = lambda *t: lrk.lora_fused(*t, 0.8, p, 11)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_through_h(device):
+    """lora_fused_fwd's second output is differentiable too."""
+    x, w, b, a, bb = _inputs((4,), 6, 5, 2, torch.float64, device, weight_grad=True)
+    fn = lambda *t: torch.ops.lrk.lora_fused_fwd(*t, 0.8, 0.25, 3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    x, w, b, a, bb = _inputs((2, 9), 24, 16, 4, dtype, device)
+    for p in (0.0, 0.2):
+        torch.library.opcheck(torch.ops.lrk.lora_fused_fwd.default, (x, w, b, a, bb, 1.5, p, 9))
+        torch.library.opcheck(torch.ops.lrk.lora_fused.default, (x, w, b, a, bb, 1.5, p, 9))
+        y, h = torch.ops.lrk.lora_fused_fwd(x, w, b, a, bb, 1.5, p, 9)
+        gy = torch.randn_like(y)
+        for need_x in (True, False):
+            torch.library.opcheck(torch.ops.lrk.lora_fused_bwd.default,
+                                  (gy, x.detach(), w, a.detach(), bb.detach(), h.detach(), 1.5, p, 9, need_x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    x, w, b, a, bb = _inputs((5, 7), 24, 16, 4, torch.float32, device)
+
+    def step(x, w, b, a, bb):
+        return torch.nn.functional.gelu(lrk.lora_fused(x, w, b, a, bb, 2.0, 0.1, 42)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    loss_c = compiled(x, w, b, a, bb)
+    grads_c = torch.autograd.grad(loss_c, (x, a, bb))
+    loss_e = step(x, w, b, a, bb)
+    grads_e = torch.autograd.grad(loss_e, (x, a, bb))
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good(device="cpu", dtype=torch.float32):
+    return dict(x=torch.randn(4, 16, dtype=dtype, device=device), weight=torch.randn(8, 16, dtype=dtype, device=device),
+                bias=torch.randn(8, dtype=dtype, device=device), lora_a=torch.randn(2, 16, dtype=dtype, device=device),
+                lora_b=torch.randn(8, 2, dtype=dtype, device=device), scale=1.0, dropout_p=0.0, seed=0)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(x=torch.randn(4, 16, dtype=torch.float64)), "weight: expected dtype Double"),
+        (dict(x=torch.ones(4, 16, dtype=torch.int64)), "x: expected dtype float32"),
+        (dict(weight=torch.randn(8, 15)), "weight: expected size 16 in dim 1"),
+        (dict(weight=torch.randn(8, 16, 1)), "weight: expected a 2-D tensor"),
+        (dict(bias=torch.randn(7)), "bias: expected size 8 in dim 0"),
+        (dict(lora_a=torch.randn(0, 16), lora_b=torch.randn(8, 0)), "lora_a: rank .* must be at least 1"),
+        (dict(lora_a=torch.randn(9, 16), lora_b=torch.randn(8, 9)), "lora_a: rank 9 is larger than"),
+        (dict(lora_a=torch.randn(2, 17)), "lora_a: expected size 16 in dim 1"),
+        (dict(lora_b=torch.randn(8, 3)), "lora_b: expected size 2 in dim 1"),
+        (dict(lora_b=torch.randn(7, 2)), "lora_b: expected size 8 in dim 0"),
+        (dict(scale=float("inf")), "scale: expected a finite number"),
+        (dict(scale=float("nan")), "scale: expected a finite number"),
+        (dict(dropout_p=1.0), "dropout_p: expected a probability"),
+        (dict(dropout_p=-0.5), "dropout_p: expected a probability"),
+        (dict(x=torch.tensor(1.0)), "x: expected a tensor of shape"),
+    ],
+)
+def test_bad_input_names_the_argument(change, match):
+    args = _good()
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        lrk.lora_fused(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_on_device(device):
+    args = _good(device, torch.bfloat16)
+    args["lora_b"] = args["lora_b"].float()
+    with pytest.raises(RuntimeError, match="lora_b: expected dtype BFloat16"):
+        lrk.lora_fused(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_mix():
+    args = _good("cuda")
+    args["lora_a"] = args["lora_a"].cpu()
+    with pytest.raises(RuntimeError, match="lora_a: expected a tensor on cuda"):
+        lrk.lora_fused(**args)

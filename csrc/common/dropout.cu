@@ -1,5 +1,5 @@
 // CUDA kernels of lrk's Philox dropout: lrk::philox_dropout, and the in-place
-// "out += dropout(t)" that the LoRA backward uses for the dx term.
+// variant that the LoRA backward applies to its dx term.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,9 +14,9 @@ namespace lrk {
 namespace {
 
 // One thread per group of 4 consecutive elements: one Philox call per group.
-// kAccumulate: out += dropout(in); else out = dropout(in).
-template <typename scalar_t, typename acc_t, bool kAccumulate>
-__global__ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
+// out = dropout(in); in and out may be the same buffer.
+template <typename scalar_t, typename acc_t>
+__global__ void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n,
                                uint64_t seed, uint32_t threshold, acc_t scale) {
   const int64_t groups = (n + 3) / 4;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
@@ -26,18 +26,12 @@ __global__ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __rest
     for (int lane = 0; lane < 4; ++lane) {
       const int64_t e = 4 * g + lane;
       if (e < n) {
-        const acc_t v = r.v[lane] >= threshold ? static_cast<acc_t>(in[e]) * scale : acc_t(0);
-        if constexpr (kAccumulate) {
-          out[e] = static_cast<scalar_t>(static_cast<acc_t>(out[e]) + v);
-        } else {
-          out[e] = static_cast<scalar_t>(v);
-        }
+        out[e] = static_cast<scalar_t>(r.v[lane] >= threshold ? static_cast<acc_t>(in[e]) * scale : acc_t(0));
       }
     }
   }
 }
 
-template <bool kAccumulate>
 void run_dropout(const at::Tensor& in, at::Tensor& out, double p, int64_t seed) {
   const int64_t n = in.numel();
   if (n == 0) return;
@@ -48,7 +42,7 @@ void run_dropout(const at::Tensor& in, at::Tensor& out, double p, int64_t seed) 
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "lrk_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dropout_kernel<scalar_t, acc_t, kAccumulate><<<blocks, kThreads, 0, stream>>>(
+    dropout_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, d.seed, d.threshold,
         static_cast<acc_t>(d.scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -63,15 +57,13 @@ at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
-  run_dropout<false>(xc, out, p, seed);
+  run_dropout(xc, out, p, seed);
   return out;
 }
 
-void dropout_add_cuda_(at::Tensor& out, const at::Tensor& t, double p, int64_t seed) {
-  TORCH_CHECK(out.is_contiguous() && t.is_contiguous() && out.sizes() == t.sizes() &&
-                  out.scalar_type() == t.scalar_type(),
-              "dropout_add_cuda_: out and t must be contiguous with one shape and dtype");
-  run_dropout<true>(t, out, p, seed);
+void dropout_cuda_(at::Tensor& t, double p, int64_t seed) {
+  TORCH_CHECK(t.is_contiguous(), "dropout_cuda_: a contiguous tensor expected");
+  run_dropout(t, t, p, seed);
 }
 
 TORCH_LIBRARY_IMPL(lrk, CUDA, m) { m.impl("philox_dropout", &philox_dropout_cuda); }

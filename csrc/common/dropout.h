@@ -9,8 +9,8 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed);
 
 #if defined(LRK_WITH_CUDA)
 at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed);
-// out += dropout(t), elementwise; out and t contiguous, same shape and dtype.
-void dropout_add_cuda_(at::Tensor& out, const at::Tensor& t, double p, int64_t seed);
+// t = dropout(t) in place; t contiguous.
+void dropout_cuda_(at::Tensor& t, double p, int64_t seed);
 #endif
 
 }  // namespace lrk

@@ -2,10 +2,11 @@
 //
 // bf16/fp16: the skinny products run on lrk's WMMA kernels (common/skinny_gemm),
 // dropout regenerated from the Philox seed as x is loaded (no mask, no dropped
-// copy of x); the two large products are cuBLAS GEMMs, and the low-rank term is
-// added into their output with a beta=1 GEMM (or, with dropout on dx, through a
-// fused mask-and-add pass). fp32/fp64 take the same steps through ATen (exact
-// fp32 unless the user enabled TF32).
+// copy of x). The low-rank term is written first and the large cuBLAS GEMM
+// adds its product to it (beta = 1): the GEMM is compute-bound, so reading C in
+// its epilogue is almost free, where adding the term afterwards would cost a
+// full read-modify-write pass over y (or dx). fp32/fp64 take the same steps
+// through ATen (exact fp32 unless the user enabled TF32).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -38,8 +39,14 @@ std::tuple<at::Tensor, at::Tensor> lora_fused_fwd_cuda(const at::Tensor& x, cons
     const at::Tensor x_drop = dropout_p > 0 ? philox_dropout_cuda(x2, dropout_p, seed) : x2;
     h = at::mm(x_drop, a.t());
   }
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-  y.addmm_(h, b.t(), /*beta=*/1.0, /*alpha=*/scale);
+  // y = bias + scale * h @ B^T, then y += x @ W^T.
+  at::Tensor y = at::empty({d.M, d.N}, x.options());
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y, bias->expand({d.M, d.N}), h, b.t(), /*beta=*/1.0, /*alpha=*/scale);
+  } else {
+    at::addmm_out(y, y, h, b.t(), /*beta=*/0.0, /*alpha=*/scale);  // beta = 0: y's contents are ignored
+  }
+  y.addmm_(x2, w.t());
   return {y.reshape(with_last_dim(x, d.N)), h.reshape(with_last_dim(x, d.r))};
 }
 
@@ -77,12 +84,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
 
   at::Tensor grad_x = at::empty({0}, x.options());
   if (need_grad_x) {
-    at::Tensor gx = at::mm(dy, weight);
-    if (dropout_p > 0) {
-      dropout_add_cuda_(gx, at::mm(dh, a), dropout_p, seed);
-    } else {
-      gx.addmm_(dh, a);
-    }
+    // dx = dropout(dh @ A) + dy @ W, the big GEMM last (beta = 1).
+    at::Tensor gx = at::mm(dh, a);
+    if (dropout_p > 0) dropout_cuda_(gx, dropout_p, seed);
+    gx.addmm_(dy, weight);
     grad_x = gx.reshape(x.sizes());
   }
   return {grad_x, grad_a, grad_b};

@@ -1,0 +1,148 @@
+"""Fused LoRA training step (forward + backward) against what users run today.
+
+Contenders, timed in one run on the same inputs (x requires grad, W frozen,
+A and B trainable):
+  base      the frozen nn.Linear alone (the floor LoRA is measured against)
+  eager     F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)
+  compile   torch.compile of eager
+  peft      PEFT's LoRA Linear layer (when peft is installed)
+  lrk       torch.ops.lrk.lora_fused
+
+    python -m benchmarks.bench_lora [--device cuda] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import lrk
+from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
+
+GPU_CASES = [  # (M, K, N, r, dropout)
+    (8192, 4096, 4096, 16, 0.0),
+    (8192, 4096, 4096, 64, 0.0),
+    (8192, 4096, 11008, 16, 0.0),
+    (2048, 4096, 4096, 16, 0.0),
+    (8192, 4096, 4096, 16, 0.1),
+]
+CPU_CASES = [
+    (512, 512, 512, 16, 0.0),
+    (256, 1024, 768, 8, 0.0),
+    (512, 512, 512, 16, 0.1),
+]
+
+
+def _peft_layer(base: torch.nn.Linear, r: int, alpha: float, p: float):
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    except Exception:
+        return None
+    layer = PeftLoraLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=p)
+    return layer
+
+
+def run_case(M, K, N, r, p, device, dtype, check=True):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    alpha = 2.0 * r
+    scale = alpha / r
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    base = torch.nn.Linear(K, N, bias=True, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    a = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(device=device, dtype=dtype).requires_grad_()
+    b = (torch.randn(N, r, generator=gen) / math.sqrt(r)).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
+    w, bias = base.weight, base.bias
+    step = [0]
+
+    def eager(x):
+        xd = F.dropout(x, p) if p > 0 else x
+        return F.linear(x, w, bias) + scale * F.linear(F.linear(xd, a), b)
+
+    compiled = torch.compile(eager)
+
+    def lrk_fwd(x):
+        step[0] += 1  # a fresh dropout seed per step, as a training loop does
+        return lrk.lora_fused(x, w, bias, a, b, scale, p, step[0])
+
+    contenders = {
+        "base": (lambda x: F.linear(x, w, bias), [x]),
+        "eager": (eager, [x, a, b]),
+        "compile": (compiled, [x, a, b]),
+    }
+    peft_layer = _peft_layer(base, r, alpha, p)
+    if peft_layer is not None:
+        peft_layer.lora_A["default"].weight.data.copy_(a.detach())
+        peft_layer.lora_B["default"].weight.data.copy_(b.detach())
+        peft_params = [x, peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
+        contenders["peft"] = (peft_layer, peft_params)
+    contenders["lrk"] = (lrk_fwd, [x, a, b])
+
+    case = f"{M}x{K}x{N} r{r}" + (f" p{p}" if p else "")
+    flops_base = 4.0 * M * N * K
+    flops_lora = flops_base + 6.0 * M * r * (K + N)
+    nbytes = dtype.itemsize * (2 * M * K + N * K + 2 * M * N)  # x, dx, W, y, dy once each
+    results = []
+    for name, (fn, params) in contenders.items():
+        def fwd_bwd(fn=fn):
+            fn(x).backward(dy)
+        try:
+            fwd_bwd()  # compile / warm
+            ms = time_ms(fwd_bwd, device, grad_to_none=params)
+            mem = peak_mib(fwd_bwd, device)
+            note = ""
+        except Exception as exc:  # report, keep going
+            ms, mem, note = None, None, f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+        flops = flops_base if name == "base" else flops_lora
+        results.append(Result(case=case, contender=name, ms=ms,
+                              tflops=flops / ms / 1e9 if ms else None, gbps=nbytes / ms / 1e6 if ms else None,
+                              peak_mib=mem, note=note))
+    if peft_layer is None:
+        results.append(Result(case=case, contender="peft", ms=None, note="peft not installed"))
+    base_ms = results[0].ms
+    for res in results:
+        if res.ms and base_ms:
+            res.ratio = res.ms / base_ms
+    if check:
+        _check_against_eager(results, x, w, bias, a, b, scale, dtype)
+    return results
+
+
+def _check_against_eager(results, x, w, bias, a, b, scale, dtype):
+    """Relative error of lrk's output vs a float64 evaluation of the same math."""
+    with torch.no_grad():
+        y = lrk.lora_fused(x, w, bias, a, b, scale, 0.0, 0).double()
+        y_ref = lrk.reference.lora_fused(x.double(), w.double(), bias.double(), a.double(), b.double(), scale)
+        err = ((y - y_ref).norm() / y_ref.norm()).item()
+    for res in results:
+        if res.contender == "lrk":
+            res.rel_err = err
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--quick", action="store_true", help="first case only")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    if args.quick:
+        cases = cases[:1]
+    results = []
+    for M, K, N, r, p in cases:
+        results += run_case(M, K, N, r, p, device, dtype)
+    title = f"lora_fused forward+backward, {dtype}, {device.type}"
+    print_table(title, results)
+    if args.json:
+        write_json(args.json, title, environment(device), results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Microbenchmark harness: median times with warm-up, a printed table with ms,
+the ratio to the baseline of the same run, TFLOP/s and GB/s, and JSON output.
+
+On CUDA, times come from CUDA events through triton.testing.do_bench (median)
+when Triton is installed, else from torch.utils.benchmark; on the CPU from
+torch.utils.benchmark. Peak memory is measured on CUDA only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Result:
+    case: str            # shape / configuration label
+    contender: str
+    ms: Optional[float]
+    ratio: Optional[float] = None       # ms / baseline ms (same case, same run)
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    peak_mib: Optional[float] = None    # extra device memory over the inputs during one call
+    rel_err: Optional[float] = None     # vs the case's reference output, when checked
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None,
+            warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of fn() after warm-up."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                  return_mode="median"))
+        except ImportError:
+            pass
+    from torch.utils import benchmark
+
+    def run():
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        fn()
+
+    for _ in range(3):
+        run()
+    _sync(device)
+    timer = benchmark.Timer(stmt="run()", globals={"run": run})
+    m = timer.blocked_autorange(min_run_time=max(rep_ms / 1000.0, 0.2))
+    return m.median * 1000.0
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Device memory that one call of fn() needs beyond what is already allocated."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "machine": platform.machine()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
+                   cuda=torch.version.cuda)
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        env["commit"] = None
+    for mod in ("peft", "triton", "lrk"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def print_table(title: str, results: list[Result]) -> None:
+    print(f"\n## {title}")
+    head = f"{'case':<28} {'contender':<22} {'ms':>9} {'x base':>7} {'TFLOP/s':>8} {'GB/s':>8} {'peak MiB':>9} {'rel err':>9}  note"
+    print(head)
+    print("-" * len(head))
+
+    def fmt(v, spec):
+        width = spec.split(".")[0]
+        return format(v, spec) if v is not None else format("-", ">" + width)
+
+    for r in results:
+        print(f"{r.case:<28} {r.contender:<22} {fmt(r.ms, '9.4f')} {fmt(r.ratio, '7.3f')} {fmt(r.tflops, '8.1f')} "
+              f"{fmt(r.gbps, '8.0f')} {fmt(r.peak_mib, '9.1f')} {fmt(r.rel_err, '9.2e')}  {r.note}")
+
+
+def write_json(path: str, title: str, env: dict, results: list[Result]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"benchmark": title, "env": env, "results": [asdict(r) for r in results]}, f, indent=1)
+    print(f"\nwrote {path}")

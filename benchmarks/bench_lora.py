@@ -35,13 +35,16 @@ CPU_CASES = [
 ]
 
 
-def _peft_layer(base: torch.nn.Linear, r: int, alpha: float, p: float):
+def _peft_layer(base: torch.nn.Linear, r: int, alpha: float, p: float, use_dora: bool = False):
     try:
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.tuners.lora import Linear as PeftLoraLinear, LoraConfig
     except Exception:
         return None
-    layer = PeftLoraLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=p)
-    return layer
+    kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=p, use_dora=use_dora)
+    try:  # peft >= 0.18 takes the config object
+        return PeftLoraLinear(base, "default", config=LoraConfig(**kwargs), r=r, lora_alpha=alpha)
+    except TypeError:
+        return PeftLoraLinear(base, "default", **kwargs)
 
 
 def run_case(M, K, N, r, p, device, dtype, check=True):

@@ -31,7 +31,7 @@ def test_reference_philox_known_answers(ctr, key, expected):
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_kernel_mask_matches_reference(device, dtype, shape, p):
     seed = int(torch.randint(0, 2**62, ()).item())
-    x = torch.randn(shape, dtype=dtype, device=device) + 3.0  # no zeros: a zero marks a drop
+    x = torch.rand(shape, dtype=dtype, device=device) + 1.0  # in [1, 2]: a zero marks a drop
     out = lrk.philox_dropout(x, p, seed)
     keep = ref.dropout_keep_mask(shape, p, seed, device=device)
     assert torch.equal(out != 0, keep)
@@ -49,7 +49,7 @@ def test_drop_rate_and_seed_dependence():
 
 
 def test_negative_and_large_seeds_match_reference():
-    x = torch.randn(101) + 3
+    x = torch.rand(101) + 1
     for seed in (-1, -(2**63), 2**63 - 1, 2**32 + 5):
         assert torch.equal(lrk.philox_dropout(x, 0.4, seed) != 0, ref.dropout_keep_mask((101,), 0.4, seed))
 

@@ -19,12 +19,13 @@ constexpr int kThreads = 128;  // 4 warps
 struct DeviceDropout {
   uint64_t seed;
   uint32_t threshold;  // 0: off
-  float scale;
 };
 
 // Loads a ROWS x COLS tile of a row-major [nrows, ncols] matrix into registers
-// (8 elements per slot), zero-filling outside the matrix and applying dropout by
-// the element's logical index; then stores it into shared memory [ROWS][ld].
+// (8 elements per slot), zero-filling outside the matrix and zeroing the elements
+// that dropout drops (by logical index); then stores it into shared memory
+// [ROWS][ld]. The 1 / (1 - p) factor is applied to the fp32 result instead, so
+// that kept elements enter the tensor cores unrounded.
 // kVec: ncols % 8 == 0 and a 16-byte aligned base, so each slot is one 16-byte load.
 template <typename T, int ROWS, int COLS, bool kVec>
 struct TileLoader {
@@ -54,18 +55,15 @@ struct TileLoader {
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             const uint32_t word = j < 4 ? lo.v[j] : hi.v[j - 4];
-            v[j] = cuda::from_float<T>(word >= drop.threshold ? cuda::to_float(v[j]) * drop.scale : 0.f);
+            if (word < drop.threshold) v[j] = cuda::from_float<T>(0.f);
           }
         }
       } else {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (gc + j < ncols) {
-            float val = cuda::to_float(src[e0 + j]);
-            if (drop.threshold != 0) {
-              val = dropout_keep(static_cast<uint64_t>(e0 + j), drop.seed, drop.threshold) ? val * drop.scale : 0.f;
-            }
-            v[j] = cuda::from_float<T>(val);
+            const bool keep = drop.threshold == 0 || dropout_keep(static_cast<uint64_t>(e0 + j), drop.seed, drop.threshold);
+            v[j] = keep ? src[e0 + j] : cuda::from_float<T>(0.f);
           }
         }
       }
@@ -106,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restri
   const int64_t rank0 = int64_t(blockIdx.z) * BR;
   const int64_t kbeg = int64_t(blockIdx.y) * k_chunk;
   const int64_t kend = std::min<int64_t>(K, kbeg + k_chunk);
-  const DeviceDropout no_drop{0, 0, 1.f};
+  const DeviceDropout no_drop{0, 0};
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BR / 16];
 #pragma unroll
@@ -167,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
   const int64_t rank0 = int64_t(blockIdx.y) * BR;
   const int64_t mbeg = int64_t(blockIdx.z) * m_chunk;
   const int64_t mend = std::min<int64_t>(M, mbeg + m_chunk);
-  const DeviceDropout no_drop{0, 0, 1.f};
+  const DeviceDropout no_drop{0, 0};
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BR / 16][2];
 #pragma unroll
@@ -219,9 +217,7 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
   }
 }
 
-DeviceDropout to_device(const DropoutParams& d) {
-  return DeviceDropout{d.seed, d.threshold, static_cast<float>(d.scale)};
-}
+DeviceDropout to_device(const DropoutParams& d) { return DeviceDropout{d.seed, d.threshold}; }
 
 // Splits a reduction of `length` (in steps of `step`) so that about four blocks
 // per multiprocessor run; returns the chunk length (a multiple of step).
@@ -292,7 +288,7 @@ void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tenso
                         static_cast<unsigned>(gz));
         skinny_rows_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
             reinterpret_cast<const T*>(X.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
-            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha), to_device(drop));
+            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha * drop.scale), to_device(drop));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -319,7 +315,7 @@ void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor&
                         static_cast<unsigned>(cuda::ceil_div(M, chunk)));
         skinny_cols_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
             reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
-            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha), to_device(drop));
+            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha * drop.scale), to_device(drop));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

@@ -1,4 +1,6 @@
-"""Shared test helpers: tolerances, relative error, output poisoning."""
+"""Shared test helpers: tolerances, relative error, output poisoning, LoRA inputs."""
+import math
+
 import torch
 
 # ||out - ref|| / ||ref|| bounds by dtype (architecture.md).
@@ -39,3 +41,24 @@ def poison_cuda_allocator(device="cuda", nbytes=1 << 28):
         t.fill_(float("nan"))
         blocks.append(t)
     del blocks
+
+
+def lora_inputs(lead, K, N, r, dtype, device, bias=True, weight_grad=False):
+    """Fresh random x [*lead, K], W [N, K], bias [N], A [r, K], B [N, r] at LoRA-like
+    scales; x, A, B require grad, W and bias when weight_grad."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).to(device)
+
+    x = rnd(*lead, K).requires_grad_()
+    w = rnd(N, K, std=1 / math.sqrt(K)).requires_grad_(weight_grad)
+    b = rnd(N).requires_grad_(weight_grad) if bias else None
+    a = rnd(r, K, std=1 / math.sqrt(K)).requires_grad_()
+    bb = rnd(N, r, std=1 / math.sqrt(r)).requires_grad_()
+    return x, w, b, a, bb
+
+
+def reference_leaves(*tensors):
+    """float64 CPU copies (leaves, same requires_grad) for the reference computation."""
+    return [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]

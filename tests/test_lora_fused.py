@@ -1,14 +1,12 @@
 """torch.ops.lrk.lora_fused: values and gradients vs the float64 reference,
 gradcheck, opcheck, torch.compile, and bad input."""
-import math
-
 import pytest
 import torch
 
 import lrk
 from lrk import reference as ref
 from conftest import DEVICES
-from helpers import assert_close, poison_cuda_allocator
+from helpers import assert_close, lora_inputs as _inputs, poison_cuda_allocator, reference_leaves
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
 # ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path).
@@ -26,26 +24,6 @@ SHAPES = [
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def _inputs(lead, K, N, r, dtype, device, bias=True, weight_grad=False):
-    g = torch.Generator().manual_seed(hash((lead, K, N, r, str(dtype))) % 2**31)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).to(device)
-
-    x = rnd(*lead, K).requires_grad_()
-    w = rnd(N, K, std=1 / math.sqrt(K)).requires_grad_(weight_grad)
-    b = rnd(N).requires_grad_(weight_grad) if bias else None
-    a = rnd(r, K, std=1 / math.sqrt(K)).requires_grad_()
-    bb = rnd(N, r, std=1 / math.sqrt(r)).requires_grad_()
-    return x, w, b, a, bb
-
-
-def _reference(x, w, b, a, bb, scale, p, seed):
-    leaf = [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None
-            for t in (x, w, b, a, bb)]
-    return leaf, ref.lora_fused(*leaf, scale, p, seed)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,K,N,r", SHAPES)
@@ -57,7 +35,8 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
     x, w, b, a, bb = _inputs(lead, K, N, r, dtype, device, weight_grad=(r == 3))
     poison_cuda_allocator(device)
     y = lrk.lora_fused(x, w, b, a, bb, scale, p, seed)
-    leaf, y_ref = _reference(x, w, b, a, bb, scale, p, seed)
+    leaf = reference_leaves(x, w, b, a, bb)
+    y_ref = ref.lora_fused(*leaf, scale, p, seed)
     assert y.shape == y_ref.shape and y.dtype == dtype and y.device.type == device
     factor = 10 if device == "cuda" and dtype == torch.float32 else 1  # cuBLAS fp32 order: 1e-4 bound
     assert_close(y, y_ref, dtype, "y", factor)
@@ -81,7 +60,8 @@ def test_without_bias_and_frozen_x(device):
     x = x.detach()
     y = lrk.lora_fused(x, w, None, a, bb, 0.5, 0.0, 0)
     y.sum().backward()
-    leaf, y_ref = _reference(x, w, None, a, bb, 0.5, 0.0, 0)
+    leaf = reference_leaves(x, w, None, a, bb)
+    y_ref = ref.lora_fused(*leaf, 0.5, 0.0, 0)
     y_ref.sum().backward()
     assert_close(y, y_ref, torch.float32, "y")
     assert x.grad is None
@@ -97,7 +77,8 @@ def test_non_contiguous_inputs(device):
     wt = w.detach().t().contiguous().t()
     for xin in (xt, xs):
         y = lrk.lora_fused(xin, wt, b, a, bb, 2.0, 0.2, 5)
-        leaf, y_ref = _reference(xin, wt, b, a, bb, 2.0, 0.2, 5)
+        leaf = reference_leaves(xin, wt, b, a, bb)
+        y_ref = ref.lora_fused(*leaf, 2.0, 0.2, 5)
         assert_close(y, y_ref, torch.float32, "y")
 
 
@@ -111,7 +92,8 @@ def test_dropout_mask_regenerated_in_backward(device):
     y2 = lrk.lora_fused(x, w, b, a, bb, 1.0, 0.5, 124)
     (ga2,) = torch.autograd.grad(y2.sum(), a)
     assert not torch.allclose(ga1, ga2)
-    leaf, y_ref = _reference(x, w, b, a, bb, 1.0, 0.5, 123)
+    leaf = reference_leaves(x, w, b, a, bb)
+    y_ref = ref.lora_fused(*leaf, 1.0, 0.5, 123)
     y_ref.sum().backward()
     assert_close(ga1, leaf[3].grad, torch.float64, "grad lora_a")
 

@@ -9,7 +9,7 @@ _loader.load()
 
 from . import ops, reference  # noqa: E402  (registers fakes and autograd)
 from ._loader import has_cuda_kernels  # noqa: E402
-from .ops import lora_fused, philox_dropout  # noqa: E402
+from .ops import dora_fused, dora_weight_norm, lora_fused, philox_dropout  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["lora_fused", "philox_dropout", "ops", "reference", "has_cuda_kernels", "__version__"]
+__all__ = ["lora_fused", "dora_fused", "dora_weight_norm", "philox_dropout", "ops", "reference", "has_cuda_kernels", "__version__"]

@@ -60,6 +60,7 @@ def _lora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p,
 def _lora_fused_fwd_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
     _, h = output
+    ctx.set_materialize_grads(False)  # an unused h gets None, not a zero tensor to multiply
     ctx.save_for_backward(x, weight, lora_a, lora_b, h)  # x and h only: no mask, no dropped x
     ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
 
@@ -105,3 +106,77 @@ def lora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
     Gradients flow to x, lora_a, lora_b, and to weight / bias when they require grad.
     """
     return torch.ops.lrk.lora_fused(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed))
+
+
+# ----------------------------------------------------------------------------- fused DoRA
+
+
+@torch.library.register_fake("lrk::dora_fused_fwd")
+def _dora_fused_fwd_fake(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, weight_sq_norm):
+    y_unscaled, h = _lora_fused_fwd_fake(x, weight, None, lora_a, lora_b, scale, dropout_p, seed)
+    torch._check(magnitude.dim() == 1 and magnitude.shape[0] == weight.shape[0],
+                 lambda: f"magnitude: expected shape [{weight.shape[0]}], got {tuple(magnitude.shape)}")
+    return (x.new_empty(y_unscaled.shape), h, y_unscaled,
+            x.new_empty((weight.shape[0],), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32))
+
+
+@torch.library.register_fake("lrk::dora_fused_bwd")
+def _dora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm, scale,
+                         dropout_p, seed, need_grad_x):
+    grad_x, grad_a, grad_b = _lora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p, seed,
+                                                  need_grad_x)
+    return grad_x, grad_a, grad_b, magnitude.new_empty(magnitude.shape)
+
+
+def _dora_fused_fwd_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, _ = inputs
+    _, h, y_unscaled, weight_norm = output
+    ctx.mark_non_differentiable(h, y_unscaled, weight_norm)  # saved activations, not results
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm)
+    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+
+
+def _dora_fused_fwd_backward(ctx, grad_y, grad_h, grad_y_unscaled, grad_norm):
+    x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+    if grad_y is not None:
+        gx, grad_a, grad_b, grad_m = torch.ops.lrk.dora_fused_bwd(
+            grad_y, x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm, ctx.scale, ctx.dropout_p,
+            ctx.seed, need_x)
+        grad_x = gx if need_x else None
+        n, k = weight.shape
+        dy2 = grad_y.reshape(-1, n)
+        if need_w:  # the norm is a constant: dW = (dy * g)^T @ x
+            g = (magnitude.to(weight_norm.dtype) / weight_norm).to(dy2.dtype)
+            grad_w = (dy2 * g).t() @ x.reshape(-1, k)
+        if need_bias:
+            grad_bias = dy2.sum(0)
+    return (grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None,
+            grad_m if need_m else None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "lrk::dora_fused_fwd", _dora_fused_fwd_backward, setup_context=_dora_fused_fwd_setup)
+
+
+def dora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+               magnitude: Tensor, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+               weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """DoRA: ``y = g * (x @ W^T + scale * (dropout(x) @ A^T) @ B^T) + bias`` with
+    ``g = magnitude / ||W + scale * B @ A||`` (row norms, a constant in backward).
+
+    Dropout applies to the LoRA branch only (the DoRA paper's form); PEFT in
+    training mode with dropout also rescales a second base product computed on the
+    dropped x, which costs a full extra GEMM. ``weight_sq_norm`` ([N], the squared
+    row norms of a frozen W in float32, float64 for float64 W) may be cached by the caller.
+    """
+    return torch.ops.lrk.dora_fused(x, weight, bias, lora_a, lora_b, magnitude, float(scale), float(dropout_p),
+                                    int(seed), weight_sq_norm)
+
+
+def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+                     weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """Row norms ``||W + scale * B @ A||_2`` ([N], float32; float64 for float64 W) without forming the sum."""
+    return torch.ops.lrk.dora_weight_norm(weight, lora_a, lora_b, float(scale), weight_sq_norm)

@@ -80,3 +80,17 @@ def lora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
         y = y + bias
     h = dropout(x, dropout_p, seed) @ lora_a.t()
     return y + scale * (h @ lora_b.t())
+
+
+def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """||W + scale * B @ A||_2 per output row, formed densely."""
+    return torch.linalg.vector_norm(weight + scale * (lora_b @ lora_a), dim=1)
+
+
+def dora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+               magnitude: Tensor, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0) -> Tensor:
+    """y = g * (x @ W^T + scale * (dropout(x) @ A^T) @ B^T) + bias, g = m / ||W + s B A||
+    with the norm detached (treated as a constant in backward)."""
+    g = magnitude / dora_weight_norm(weight, lora_a, lora_b, scale).detach()
+    y = g * (x @ weight.t() + scale * ((dropout(x, dropout_p, seed) @ lora_a.t()) @ lora_b.t()))
+    return y if bias is None else y + bias

@@ -1,0 +1,143 @@
+// Fused DoRA (weight-decomposed LoRA), built on the fused LoRA ops:
+//   y = g * (x @ W^T + s * h @ B^T) + bias,  g = m / ||W + s * B @ A||_row.
+// The row norms never form W + s*B@A (ops.md section 1):
+//   ||W_n + s B_n A||^2 = ||W_n||^2 + 2 s B_n . (A W^T)[:, n] + s^2 B_n (A A^T) B_n^T.
+// Backward treats the norm as a constant (the DoRA paper and PEFT do too), so it is
+// LoRA's backward on grad_y * g plus grad_m = sum_rows(grad_y * y_unscaled) / norm.
+// The kernels compose ATen and lrk ops, so one implementation serves every device
+// (registered as CompositeExplicitAutograd; autograd and fakes come from Python).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "lora/lora_checks.h"
+
+namespace lrk {
+namespace {
+
+using LoraFwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&, const at::Tensor&,
+                                                     const at::Tensor&, double, double, int64_t);
+using LoraBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&, double,
+                                                                 double, int64_t, bool);
+
+void check_magnitude(const at::Tensor& magnitude, const at::Tensor& x, int64_t N) {
+  check_float_tensor(magnitude, "magnitude");
+  check_same_device(magnitude, "magnitude", x, "x");
+  TORCH_CHECK(magnitude.scalar_type() == x.scalar_type() || magnitude.scalar_type() == at::kFloat,
+              "magnitude: expected dtype ", x.scalar_type(), " (the dtype of x) or float32, got ",
+              magnitude.scalar_type());
+  check_dim(magnitude, "magnitude", 1);
+  check_size(magnitude, "magnitude", 0, N, "out_features = weight.shape[0]");
+}
+
+// Norms and g are computed in float32, or float64 for float64 weights.
+at::ScalarType norm_dtype(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_weight_sq_norm(const std::optional<at::Tensor>& wsq, const at::Tensor& weight) {
+  if (!wsq.has_value() || !wsq->defined()) return;
+  TORCH_CHECK(wsq->scalar_type() == norm_dtype(weight), "weight_sq_norm: expected dtype ", norm_dtype(weight),
+              ", got ", wsq->scalar_type());
+  check_same_device(*wsq, "weight_sq_norm", weight, "weight");
+  check_dim(*wsq, "weight_sq_norm", 1);
+  check_size(*wsq, "weight_sq_norm", 0, weight.size(0), "out_features = weight.shape[0]");
+}
+
+at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            double scale, const std::optional<at::Tensor>& weight_sq_norm) {
+  check_float_tensor(weight, "weight");
+  check_dim(weight, "weight", 2);
+  check_dim(lora_a, "lora_a", 2);
+  check_dim(lora_b, "lora_b", 2);
+  check_same_dtype(lora_a, "lora_a", weight, "weight");
+  check_same_dtype(lora_b, "lora_b", weight, "weight");
+  check_same_device(lora_a, "lora_a", weight, "weight");
+  check_same_device(lora_b, "lora_b", weight, "weight");
+  check_size(lora_a, "lora_a", 1, weight.size(1), "in_features = weight.shape[1]");
+  check_size(lora_b, "lora_b", 0, weight.size(0), "out_features = weight.shape[0]");
+  check_size(lora_b, "lora_b", 1, lora_a.size(0), "rank = lora_a.shape[0]");
+  check_finite(scale, "scale");
+  check_weight_sq_norm(weight_sq_norm, weight);
+  const auto acc = norm_dtype(weight);
+  const at::Tensor wsq = (weight_sq_norm.has_value() && weight_sq_norm->defined())
+                             ? *weight_sq_norm
+                             : at::linalg_vector_norm(weight, 2, {1}, false, acc).square();
+  const at::Tensor a = lora_a.to(acc);
+  const at::Tensor b = lora_b.to(acc);
+  const at::Tensor aw = at::mm(lora_a, weight.t()).to(acc);              // [r, N], one read of W
+  const at::Tensor cross = (b * aw.t()).sum(1);                          // B_n . (A W^T)[:, n]
+  const at::Tensor quad = (at::mm(b, at::mm(a, a.t())) * b).sum(1);      // B_n (A A^T) B_n^T
+  return (wsq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min(0.0).sqrt();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& magnitude, double scale, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& weight_sq_norm) {
+  const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  check_magnitude(magnitude, x, d.N);
+  static auto lora_fwd =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lrk::lora_fused_fwd", "").typed<LoraFwdFn>();
+  const at::Tensor norm = dora_weight_norm(weight, lora_a, lora_b, scale, weight_sq_norm);
+  const at::Tensor g = magnitude.to(norm.scalar_type()) / norm;  // [N]
+  auto [y_unscaled, h] = lora_fwd.call(x, weight, std::nullopt, lora_a, lora_b, scale, dropout_p, seed);
+  // One elementwise pass, computed in float32 and rounded once.
+  at::Tensor y = at::empty_like(y_unscaled);
+  if (bias.has_value() && bias->defined()) {
+    at::addcmul_out(y, *bias, y_unscaled, g);
+  } else {
+    at::mul_out(y, y_unscaled, g);
+  }
+  return {y, h, y_unscaled, norm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& magnitude, const at::Tensor& h, const at::Tensor& y_unscaled,
+    const at::Tensor& weight_norm, double scale, double dropout_p, int64_t seed, bool need_grad_x) {
+  const LoraDims d = check_lora_bwd_inputs(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p);
+  check_magnitude(magnitude, x, d.N);
+  TORCH_CHECK(weight_norm.scalar_type() == norm_dtype(weight) && weight_norm.dim() == 1 && weight_norm.size(0) == d.N,
+              "weight_norm: expected a ", norm_dtype(weight), " tensor of shape [", d.N, "], got ",
+              weight_norm.scalar_type(), " ", weight_norm.sizes());
+  TORCH_CHECK(y_unscaled.sizes() == grad_y.sizes(), "y_unscaled: expected shape ", grad_y.sizes(), ", got ",
+              y_unscaled.sizes());
+  static auto lora_bwd =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lrk::lora_fused_bwd", "").typed<LoraBwdFn>();
+  const at::Tensor g = magnitude.to(weight_norm.scalar_type()) / weight_norm;
+  at::Tensor grad_y_scaled = at::empty_like(grad_y, at::MemoryFormat::Contiguous);
+  at::mul_out(grad_y_scaled, grad_y, g);
+  auto [grad_x, grad_a, grad_b] =
+      lora_bwd.call(grad_y_scaled, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, need_grad_x);
+  // grad_m_n = sum_i grad_y[i, n] * y_unscaled[i, n] / norm_n, summed in float32 (float64).
+  const at::Tensor prod = at::mul(grad_y.reshape({d.M, d.N}), y_unscaled.reshape({d.M, d.N}));
+  const at::Tensor grad_m =
+      (at::sum(prod, {0}, false, weight_norm.scalar_type()) / weight_norm).to(magnitude.scalar_type());
+  return {grad_x, grad_a, grad_b, grad_m};
+}
+
+at::Tensor dora_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& magnitude, double scale,
+                      double dropout_p, int64_t seed, const std::optional<at::Tensor>& weight_sq_norm) {
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("lrk::dora_fused_fwd", "")
+                        .typed<decltype(dora_fused_fwd)>();
+  return std::get<0>(fwd.call(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, weight_sq_norm));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrk, CompositeExplicitAutograd, m) {
+  m.impl("dora_fused_fwd", &dora_fused_fwd);
+  m.impl("dora_fused_bwd", &dora_fused_bwd);
+}
+
+TORCH_LIBRARY_IMPL(lrk, CompositeImplicitAutograd, m) {
+  m.impl("dora_fused", &dora_fused);
+  m.impl("dora_weight_norm", &dora_weight_norm);
+}
+
+}  // namespace lrk

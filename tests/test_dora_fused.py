@@ -1,0 +1,148 @@
+"""torch.ops.lrk.dora_fused and dora_weight_norm: values and gradients vs the
+float64 reference, gradcheck, opcheck, torch.compile, and bad input."""
+import pytest
+import torch
+
+import lrk
+from lrk import reference as ref
+from conftest import DEVICES
+from helpers import assert_close, lora_inputs, poison_cuda_allocator, reference_leaves
+
+SHAPES = [
+    ((0,), 40, 24, 3),
+    ((1,), 33, 17, 1),
+    ((2, 5), 21, 19, 4),
+    ((513,), 257, 130, 64),
+    ((64,), 128, 96, 16),
+    ((130,), 64, 520, 48),
+]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _magnitude(w, dtype, device):
+    # PEFT initialises m to the row norms of W; perturb so that g != 1.
+    m = torch.linalg.vector_norm(w.detach().double(), dim=1) * (0.5 + torch.rand(w.shape[0], dtype=torch.float64, device=w.device))
+    return m.to(dtype).to(device).requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
+    if dtype == torch.float64 and device == "cuda" and lead[0] > 100:
+        pytest.skip("fp64 on CUDA is covered by the small shapes")
+    scale, seed = 1.3, int(torch.randint(0, 2**40, ()).item())
+    x, w, b, a, bb = lora_inputs(lead, K, N, r, dtype, device, weight_grad=(r == 4))
+    m = _magnitude(w, dtype, device)
+    poison_cuda_allocator(device)
+    y = lrk.dora_fused(x, w, b, a, bb, m, scale, p, seed)
+    leaf = reference_leaves(x, w, b, a, bb, m)
+    y_ref = ref.dora_fused(*leaf, scale, p, seed)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    factor = 10 if device == "cuda" and dtype == torch.float32 else 1
+    assert_close(y, y_ref, dtype, "y", factor)
+    if y.numel() == 0:
+        return
+    gy = torch.randn_like(y_ref).to(dtype).to(device)
+    y.backward(gy)
+    y_ref.backward(gy.double().cpu())
+    for name, t, t_ref in zip(("x", "weight", "bias", "lora_a", "lora_b", "magnitude"), (x, w, b, a, bb, m), leaf):
+        if t is None or not t.requires_grad:
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        assert_close(t.grad, t_ref.grad, dtype, f"grad {name}", factor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_weight_norm_without_dense_sum(device, dtype):
+    _, w, _, a, bb = lora_inputs((1,), 77, 45, 6, dtype, device)
+    leaf = reference_leaves(w, a, bb)
+    expected = ref.dora_weight_norm(*leaf, 0.9)
+    norm = lrk.dora_weight_norm(w, a, bb, 0.9)
+    assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(norm, expected, dtype, "norm")
+    cached = torch.linalg.vector_norm(w.detach().to(norm.dtype), dim=1).square()
+    assert_close(lrk.dora_weight_norm(w, a, bb, 0.9, cached), expected, dtype, "norm, cached ||W||^2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_magnitude_in_float32_with_bf16_weights(device):
+    x, w, b, a, bb = lora_inputs((9,), 40, 24, 4, torch.bfloat16, device)
+    m = _magnitude(w, torch.float32, device)
+    y = lrk.dora_fused(x, w, b, a, bb, m, 2.0)
+    y.float().sum().backward()
+    leaf = reference_leaves(x, w, b, a, bb, m)
+    ref.dora_fused(*leaf, 2.0).sum().backward()
+    assert m.grad.dtype == torch.float32
+    assert_close(m.grad, leaf[5].grad, torch.bfloat16, "grad magnitude")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck(device, p):
+    x, w, b, a, bb = lora_inputs((2, 3), 7, 5, 2, torch.float64, device, weight_grad=True)
+    m = _magnitude(w, torch.float64, device)
+    # The norm is a constant in DoRA's backward by definition, so finite differences
+    # in W, A or B (which move the norm) are not its gradient: check x, bias and m
+    # here; W, A and B are checked against the detached-norm reference above.
+    fn = lambda x, b, m: lrk.dora_fused(x, w.detach(), b, a.detach(), bb.detach(), m, 0.8, p, 11)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, b, m))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    x, w, b, a, bb = lora_inputs((2, 9), 24, 16, 4, dtype, device)
+    m = _magnitude(w, dtype, device)
+    for p in (0.0, 0.2):
+        torch.library.opcheck(torch.ops.lrk.dora_fused_fwd.default, (x, w, b, a, bb, m, 1.5, p, 9, None))
+        torch.library.opcheck(torch.ops.lrk.dora_fused.default, (x, w, b, a, bb, m, 1.5, p, 9, None))
+        y, h, yu, wn = torch.ops.lrk.dora_fused_fwd(x, w, b, a, bb, m, 1.5, p, 9, None)
+        gy = torch.randn_like(y)
+        for need_x in (True, False):
+            torch.library.opcheck(torch.ops.lrk.dora_fused_bwd.default,
+                                  (gy, x.detach(), w, a.detach(), bb.detach(), m.detach(), h, yu, wn, 1.5, p, 9,
+                                   need_x))
+    torch.library.opcheck(torch.ops.lrk.dora_weight_norm.default, (w, a, bb, 0.5, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    x, w, b, a, bb = lora_inputs((5, 7), 24, 16, 4, torch.float32, device)
+    m = _magnitude(w, torch.float32, device)
+
+    def step(x, w, b, a, bb, m):
+        return torch.nn.functional.silu(lrk.dora_fused(x, w, b, a, bb, m, 2.0, 0.1, 42)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    loss_c = compiled(x, w, b, a, bb, m)
+    grads_c = torch.autograd.grad(loss_c, (x, a, bb, m))
+    loss_e = step(x, w, b, a, bb, m)
+    grads_e = torch.autograd.grad(loss_e, (x, a, bb, m))
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(magnitude=torch.ones(7)), "magnitude: expected size 8 in dim 0"),
+        (dict(magnitude=torch.ones(8, 1)), "magnitude: expected a 1-D tensor"),
+        (dict(magnitude=torch.ones(8, dtype=torch.float64)), "magnitude: expected dtype Float"),
+        (dict(weight_sq_norm=torch.ones(8, dtype=torch.float64)), "weight_sq_norm: expected dtype Float"),
+        (dict(weight_sq_norm=torch.ones(5)), "weight_sq_norm: expected size 8 in dim 0"),
+        (dict(lora_b=torch.randn(8, 3)), "lora_b: expected size 2 in dim 1"),
+        (dict(scale=float("nan")), "scale: expected a finite number"),
+        (dict(dropout_p=1.5), "dropout_p: expected a probability"),
+    ],
+)
+def test_bad_input_names_the_argument(change, match):
+    args = dict(x=torch.randn(4, 16), weight=torch.randn(8, 16), bias=torch.randn(8), lora_a=torch.randn(2, 16),
+                lora_b=torch.randn(8, 2), magnitude=torch.ones(8), scale=1.0, dropout_p=0.0, seed=0)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        lrk.dora_fused(**args)

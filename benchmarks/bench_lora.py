@@ -6,7 +6,10 @@ A and B trainable):
   eager     F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)
   compile   torch.compile of eager
   peft      PEFT's LoRA Linear layer (when peft is installed)
-  lrk       torch.ops.lrk.lora_fused
+  lrk       torch.ops.lrk.lora_fused (torch.ops.lrk.dora_fused for DoRA cases)
+
+DoRA cases (use_dora) time the same contenders with the weight-decomposed
+adapter: g = m / ||W + s B A|| (detached) scales the adapted output.
 
     python -m benchmarks.bench_lora [--device cuda] [--json out.json]
 """
@@ -21,17 +24,19 @@ import torch.nn.functional as F
 import lrk
 from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
 
-GPU_CASES = [  # (M, K, N, r, dropout)
-    (8192, 4096, 4096, 16, 0.0),
-    (8192, 4096, 4096, 64, 0.0),
-    (8192, 4096, 11008, 16, 0.0),
-    (2048, 4096, 4096, 16, 0.0),
-    (8192, 4096, 4096, 16, 0.1),
+GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
+    (8192, 4096, 4096, 16, 0.0, False),
+    (8192, 4096, 4096, 64, 0.0, False),
+    (8192, 4096, 11008, 16, 0.0, False),
+    (2048, 4096, 4096, 16, 0.0, False),
+    (8192, 4096, 4096, 16, 0.1, False),
+    (8192, 4096, 4096, 16, 0.0, True),
 ]
 CPU_CASES = [
-    (512, 512, 512, 16, 0.0),
-    (256, 1024, 768, 8, 0.0),
-    (512, 512, 512, 16, 0.1),
+    (512, 512, 512, 16, 0.0, False),
+    (256, 1024, 768, 8, 0.0, False),
+    (512, 512, 512, 16, 0.1, False),
+    (512, 512, 512, 16, 0.0, True),
 ]
 
 
@@ -47,7 +52,7 @@ def _peft_layer(base: torch.nn.Linear, r: int, alpha: float, p: float, use_dora:
         return PeftLoraLinear(base, "default", **kwargs)
 
 
-def run_case(M, K, N, r, p, device, dtype, check=True):
+def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
     gen = torch.Generator(device="cpu").manual_seed(0)
     alpha = 2.0 * r
     scale = alpha / r
@@ -59,32 +64,46 @@ def run_case(M, K, N, r, p, device, dtype, check=True):
     b = (torch.randn(N, r, generator=gen) / math.sqrt(r)).to(device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
     w, bias = base.weight, base.bias
+    # DoRA magnitude: PEFT initialises it to the row norms of W (perturbed here so g != 1).
+    m = (torch.linalg.vector_norm(w.float(), dim=1) * (1 + 0.1 * torch.rand(N, generator=gen).to(device))).to(
+        dtype).requires_grad_()
+    w_sq_norm = torch.linalg.vector_norm(w.float(), dim=1).square()  # cached once for a frozen W
+    adapter_params = [a, b, m] if use_dora else [a, b]
     step = [0]
 
     def eager(x):
         xd = F.dropout(x, p) if p > 0 else x
-        return F.linear(x, w, bias) + scale * F.linear(F.linear(xd, a), b)
+        lora = scale * F.linear(F.linear(xd, a), b)
+        if not use_dora:
+            return F.linear(x, w, bias) + lora
+        g = m / torch.linalg.vector_norm(w + scale * (b @ a), dim=1).detach()
+        return g * (F.linear(x, w) + lora) + bias
 
     compiled = torch.compile(eager)
 
     def lrk_fwd(x):
         step[0] += 1  # a fresh dropout seed per step, as a training loop does
+        if use_dora:
+            return lrk.dora_fused(x, w, bias, a, b, m, scale, p, step[0], w_sq_norm)
         return lrk.lora_fused(x, w, bias, a, b, scale, p, step[0])
 
     contenders = {
         "base": (lambda x: F.linear(x, w, bias), [x]),
-        "eager": (eager, [x, a, b]),
-        "compile": (compiled, [x, a, b]),
+        "eager": (eager, [x] + adapter_params),
+        "compile": (compiled, [x] + adapter_params),
     }
-    peft_layer = _peft_layer(base, r, alpha, p)
+    peft_layer = _peft_layer(base, r, alpha, p, use_dora)
     if peft_layer is not None:
         peft_layer.lora_A["default"].weight.data.copy_(a.detach())
         peft_layer.lora_B["default"].weight.data.copy_(b.detach())
         peft_params = [x, peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
+        if use_dora:
+            peft_layer.lora_magnitude_vector["default"].weight.data.copy_(m.detach())
+            peft_params.append(peft_layer.lora_magnitude_vector["default"].weight)
         contenders["peft"] = (peft_layer, peft_params)
-    contenders["lrk"] = (lrk_fwd, [x, a, b])
+    contenders["lrk"] = (lrk_fwd, [x] + adapter_params)
 
-    case = f"{M}x{K}x{N} r{r}" + (f" p{p}" if p else "")
+    case = f"{M}x{K}x{N} r{r}" + (f" p{p}" if p else "") + (" dora" if use_dora else "")
     flops_base = 4.0 * M * N * K
     flops_lora = flops_base + 6.0 * M * r * (K + N)
     nbytes = dtype.itemsize * (2 * M * K + N * K + 2 * M * N)  # x, dx, W, y, dy once each
@@ -110,15 +129,20 @@ def run_case(M, K, N, r, p, device, dtype, check=True):
         if res.ms and base_ms:
             res.ratio = res.ms / base_ms
     if check:
-        _check_against_eager(results, x, w, bias, a, b, scale, dtype)
+        _check_against_reference(results, x, w, bias, a, b, m if use_dora else None, scale)
     return results
 
 
-def _check_against_eager(results, x, w, bias, a, b, scale, dtype):
-    """Relative error of lrk's output vs a float64 evaluation of the same math."""
+def _check_against_reference(results, x, w, bias, a, b, m, scale):
+    """Relative error of lrk's output (dropout off) vs a float64 evaluation of the same math."""
     with torch.no_grad():
-        y = lrk.lora_fused(x, w, bias, a, b, scale, 0.0, 0).double()
-        y_ref = lrk.reference.lora_fused(x.double(), w.double(), bias.double(), a.double(), b.double(), scale)
+        args64 = [t.double() for t in (x, w, bias, a, b)]
+        if m is None:
+            y = lrk.lora_fused(x, w, bias, a, b, scale).double()
+            y_ref = lrk.reference.lora_fused(*args64, scale)
+        else:
+            y = lrk.dora_fused(x, w, bias, a, b, m, scale).double()
+            y_ref = lrk.reference.dora_fused(*args64, m.double(), scale)
         err = ((y - y_ref).norm() / y_ref.norm()).item()
     for res in results:
         if res.contender == "lrk":
@@ -138,9 +162,9 @@ def main(argv=None):
     if args.quick:
         cases = cases[:1]
     results = []
-    for M, K, N, r, p in cases:
-        results += run_case(M, K, N, r, p, device, dtype)
-    title = f"lora_fused forward+backward, {dtype}, {device.type}"
+    for M, K, N, r, p, use_dora in cases:
+        results += run_case(M, K, N, r, p, use_dora, device, dtype)
+    title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
     print_table(title, results)
     if args.json:
         write_json(args.json, title, environment(device), results)

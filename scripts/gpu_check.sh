@@ -6,6 +6,8 @@
 #
 #   bash scripts/gpu_check.sh            # full check
 #   LRK_GPU_CHECK_BENCH=0 bash scripts/gpu_check.sh   # tests only
+#   LRK_BENCHES="bench_lora" LRK_BENCH_ARGS=--quick bash scripts/gpu_check.sh
+# $OUT ends up with summary.txt (read this) and results.tar.gz (logs, JUnit XML, JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -16,7 +18,7 @@ PY=${PYTHON:-python3}
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
 
 {
-  log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  log "commit ${LRK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   nvcc --version | tail -2
@@ -51,11 +53,32 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 export PYTHONPATH=$ROOT/python:$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 log "tests"
 t0=$(date +%s)
-$PY -m pytest -q -x -p no:cacheprovider tests --junitxml="$OUT/tests.xml" -rs 2>&1 | tail -40 | tee "$OUT/tests.txt"
+$PY -m pytest -q -p no:cacheprovider tests --maxfail=30 --junitxml="$OUT/tests.xml" -rfs 2>&1 | tail -60 > "$OUT/tests.txt"
 log "tests done in $(( $(date +%s) - t0 )) s"
 
 if [ "${LRK_GPU_CHECK_BENCH:-1}" = "1" ]; then
-  log "benchmarks"
-  $PY -m benchmarks.bench_lora ${LRK_BENCH_ARGS:-} --json "$OUT/bench_lora.json" 2>&1 | grep -v Warning | tee "$OUT/bench_lora.txt"
+  # Every benchmarks/bench_*.py (or the space-separated list in LRK_BENCHES), each
+  # under its own time limit so that one slow benchmark cannot eat the lease.
+  benches=${LRK_BENCHES:-$(cd benchmarks && ls bench_*.py | sed 's/\.py$//')}
+  for b in $benches; do
+    log "benchmark $b"
+    timeout "${LRK_BENCH_TIMEOUT:-300}" $PY -m "benchmarks.$b" ${LRK_BENCH_ARGS:-} --json "$OUT/$b.json" \
+      > "$OUT/$b.txt" 2>&1
+    log "benchmark $b rc=$?"
+  done
 fi
+
+# At most a few files come back: one summary to read, one archive with the rest.
+{
+  cat "$OUT/env.txt"
+  echo; echo "== tests"; tail -25 "$OUT/tests.txt"
+  for f in "$OUT"/bench_*.txt; do
+    [ -f "$f" ] || continue
+    echo; echo "== $(basename "$f")"; grep -v -i "warn" "$f" | tail -60
+  done
+} > "$OUT/summary.txt"
+tar czf /tmp/lrk_results.tar.gz -C "$OUT" --exclude=summary.txt . \
+  && find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt -exec rm -rf {} + \
+  && mv /tmp/lrk_results.tar.gz "$OUT/results.tar.gz"
+cat "$OUT/summary.txt"
 log "done"

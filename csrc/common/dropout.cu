@@ -9,6 +9,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dropout.h"
 #include "common/philox.h"
+#include "common/autocast.h"
 
 namespace lrk {
 namespace {
@@ -52,6 +53,7 @@ void run_dropout(const at::Tensor& in, at::Tensor& out, double p, int64_t seed) 
 }  // namespace
 
 at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
+  LRK_NO_AUTOCAST();
   check_float_tensor(x, "x");
   check_probability(p, "p");
   const c10::cuda::CUDAGuard guard(x.device());

@@ -7,10 +7,12 @@
 #include "common/checks.h"
 #include "common/dropout.h"
 #include "common/philox.h"
+#include "common/autocast.h"
 
 namespace lrk {
 
 at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
+  LRK_NO_AUTOCAST();
   check_float_tensor(x, "x");
   check_probability(p, "p");
   const DropoutParams d = make_dropout_params(p, seed);

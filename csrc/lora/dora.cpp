@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "common/autocast.h"
 #include "lora/lora_checks.h"
 
 namespace lrk {
@@ -48,6 +49,7 @@ void check_weight_sq_norm(const std::optional<at::Tensor>& wsq, const at::Tensor
 
 at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             double scale, const std::optional<at::Tensor>& weight_sq_norm) {
+  LRK_NO_AUTOCAST();
   check_float_tensor(weight, "weight");
   check_dim(weight, "weight", 2);
   check_dim(lora_a, "lora_a", 2);
@@ -77,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_fwd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& magnitude, double scale, double dropout_p, int64_t seed,
     const std::optional<at::Tensor>& weight_sq_norm) {
+  LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
   check_magnitude(magnitude, x, d.N);
   static auto lora_fwd =
@@ -98,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& magnitude, const at::Tensor& h, const at::Tensor& y_unscaled,
     const at::Tensor& weight_norm, double scale, double dropout_p, int64_t seed, bool need_grad_x) {
+  LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_bwd_inputs(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p);
   check_magnitude(magnitude, x, d.N);
   TORCH_CHECK(weight_norm.scalar_type() == norm_dtype(weight) && weight_norm.dim() == 1 && weight_norm.size(0) == d.N,

@@ -5,6 +5,7 @@
 
 #include "common/dropout.h"
 #include "lora/lora_checks.h"
+#include "common/autocast.h"
 
 namespace lrk {
 namespace {
@@ -15,6 +16,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fused_fwd_cpu(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& bias,
                                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                       double scale, double dropout_p, int64_t seed) {
+  LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
   const auto acc = compute_dtype(x.scalar_type());
   const at::Tensor x2 = x.reshape({d.M, d.K}).to(acc);
@@ -30,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& h, double scale, double dropout_p, int64_t seed,
     bool need_grad_x) {
+  LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_bwd_inputs(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p);
   const auto dtype = x.scalar_type();
   const auto acc = compute_dtype(dtype);

@@ -13,6 +13,7 @@
 #include "common/dropout.h"
 #include "common/skinny_gemm.h"
 #include "lora/lora_checks.h"
+#include "common/autocast.h"
 
 namespace lrk {
 namespace {
@@ -23,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fused_fwd_cuda(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& bias,
                                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                        double scale, double dropout_p, int64_t seed) {
+  LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
@@ -54,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& h, double scale, double dropout_p, int64_t seed,
     bool need_grad_x) {
+  LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_bwd_inputs(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = grad_y.reshape({d.M, d.N}).contiguous();

@@ -1,0 +1,168 @@
+"""Run PEFT's LoRA / DoRA Linear layers through lrk's fused ops, in place.
+
+``accelerate(peft_model)`` swaps the ``forward`` of each eligible
+``peft.tuners.lora.layer.Linear`` instance for one that calls lrk on PEFT's own
+parameter tensors (``lora_A[name].weight``, ``lora_B[name].weight``,
+``lora_magnitude_vector[name].weight``, ``scaling[name]``): gradients land in
+PEFT's parameters, the state dict and ``save_pretrained`` output do not change,
+and ``restore`` gives the layers their own forward back.
+
+Written against PEFT 0.21's ``Linear.forward`` and ``DoraLinearLayer.forward``.
+Differences from PEFT's path, both deliberate:
+- dropout masks come from lrk's Philox generator with a fresh seed per call
+  (drawn from torch's default generator), not from nn.Dropout's RNG;
+- DoRA with dropout in training mode applies dropout to the LoRA branch only
+  (the DoRA paper's form); PEFT additionally rescales a base product computed on
+  the dropped input. With dropout 0, or in eval mode, the two agree.
+Adapter weights in another dtype than the base (PEFT keeps bf16 models' adapters
+in fp32 by default) are computed in the base's dtype (or the autocast dtype).
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+try:
+    from peft.tuners.lora.layer import Linear as _PeftLinear
+    from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
+    from peft.tuners.lora.variants import DoraLinearVariant as _DoraVariant
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("lrk.integrations.peft needs PEFT (pip install peft)") from exc
+
+from ..nn import lora as _lora
+
+__all__ = ["accelerate", "restore", "is_accelerated"]
+
+_HAS_DORA_OP = hasattr(torch.ops.lrk, "dora_fused")
+
+
+def _unsupported_reason(layer: nn.Module) -> Optional[str]:
+    """Why this LoRA layer can't take lrk's path (None if it can). Checked once, at accelerate()."""
+    if type(layer) is not _PeftLinear:
+        return f"layer type {type(layer).__name__}"
+    if "forward" in layer.__dict__:
+        return "forward already replaced on the instance (hooks?)"
+    base = layer.base_layer
+    if type(base) is not nn.Linear:
+        return f"base layer type {type(base).__name__}"
+    if type(base.weight) not in (nn.Parameter, torch.Tensor) or not base.weight.is_floating_point():
+        return "quantized or tensor-subclass base weight"
+    if layer.fan_in_fan_out:
+        return "fan_in_fan_out"
+    for name in layer.lora_A:
+        reason = _adapter_unsupported_reason(layer, name)
+        if reason is not None:
+            return f"adapter {name!r}: {reason}"
+    return None
+
+
+def _adapter_unsupported_reason(layer: nn.Module, name: str) -> Optional[str]:
+    variant = layer.lora_variant.get(name)
+    if variant is not None and type(variant) is not _DoraVariant:
+        return f"LoRA variant {type(variant).__name__}"
+    if variant is not None and not _HAS_DORA_OP:
+        return "DoRA, and this lrk build has no dora_fused"
+    if layer.lora_bias.get(name, False):
+        return "lora_bias"
+    if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+        return f"dropout type {type(layer.lora_dropout[name]).__name__}"
+    return None
+
+
+def _fast_path_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+    """The adapter to run through lrk for this call, or None for PEFT's own forward.
+
+    Call-time state: merged or disabled adapters, several active adapters, extra
+    arguments (adapter_names, ...), adapters added after accelerate(), hooks on
+    the base layer, devices or dtypes that lrk's op would not take.
+    """
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name not in layer.lora_A or _adapter_unsupported_reason(layer, name) is not None:
+        return None
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, nn.Dropout) and dropout.p >= 1.0:
+        return None
+    base = layer.base_layer
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return None
+    w = base.weight
+    if not x.is_floating_point() or x.device != w.device:
+        return None
+    if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        return None  # F.linear would reject it too: let PEFT's path say so
+    adapter_tensors = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+    if name in layer.lora_magnitude_vector:
+        adapter_tensors.append(layer.lora_magnitude_vector[name].weight)
+    if any(t.device != w.device for t in adapter_tensors):
+        return None
+    return name
+
+
+def _lrk_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Bound to a PEFT Linear instance as its forward by accelerate()."""
+    name = _fast_path_adapter(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    seed = _lora.fresh_seed() if p > 0.0 else 0
+    magnitude = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
+    base = self.base_layer
+    return _lora.adapter_forward(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                 magnitude, self.scaling[name], p, seed)
+
+
+def is_accelerated(layer: nn.Module) -> bool:
+    fwd = layer.__dict__.get("forward")
+    return isinstance(fwd, types.MethodType) and fwd.__func__ is _lrk_forward
+
+
+def accelerate(peft_model: nn.Module) -> list[str]:
+    """Route every eligible PEFT LoRA/DoRA Linear layer of ``peft_model`` through lrk.
+
+    Eligible: exactly ``peft.tuners.lora.layer.Linear`` over a plain ``nn.Linear``
+    with a floating-point weight, not fan_in_fan_out, every adapter plain LoRA or
+    DoRA without lora_bias, dropout nn.Dropout or nn.Identity. Other LoRA layers
+    (Embedding, Conv, quantized bases, other variants ...) keep PEFT's forward and
+    are named in one warning. At call time the layer falls back to PEFT's forward
+    when merged, disabled, with several active adapters, or given extra arguments.
+
+    Returns the qualified names of the accelerated layers (including ones
+    accelerated before). Idempotent.
+    """
+    done, skipped = [], []
+    for qual_name, module in peft_model.named_modules():
+        if not isinstance(module, _PeftLoraLayer):
+            continue
+        if is_accelerated(module):
+            done.append(qual_name)
+            continue
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            skipped.append(f"{qual_name} ({reason})")
+            continue
+        module.forward = types.MethodType(_lrk_forward, module)
+        done.append(qual_name)
+    if skipped:
+        warnings.warn("lrk.integrations.peft.accelerate: left on PEFT's own forward: " + "; ".join(skipped),
+                      stacklevel=2)
+    return done
+
+
+def restore(peft_model: nn.Module) -> list[str]:
+    """Give every layer that accelerate() changed its own forward back; returns their names."""
+    restored = []
+    for qual_name, module in peft_model.named_modules():
+        if is_accelerated(module):
+            del module.forward  # the instance attribute: the class's forward shows through again
+            restored.append(qual_name)
+    return restored

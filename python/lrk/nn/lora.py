@@ -1,0 +1,282 @@
+"""LoRA / DoRA adapters on a frozen nn.Linear, computed by lrk's fused ops.
+
+Naming, initialisation and scaling follow PEFT (``lora_A`` [r, in], ``lora_B``
+[out, r], ``lora_magnitude_vector`` [out], scale alpha/r or alpha/sqrt(r)), so
+that weights move between the two by renaming keys only. ``adapter_forward`` and
+``fresh_seed`` are shared with ``lrk.integrations.peft``.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoRALinear", "apply_lora", "adapter_forward", "fresh_seed"]
+
+
+def fresh_seed() -> int:
+    """A dropout seed drawn from torch's default CPU generator, so that
+    ``torch.manual_seed`` makes a run reproducible. Under torch.compile the
+    ``.item()`` is a graph break (or an error with fullgraph=True)."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+def _compute_dtype(x: Tensor, weight: Tensor, autocast: bool) -> torch.dtype:
+    # lrk's ops take one dtype for all operands. Under autocast that is the
+    # autocast dtype (as F.linear would use); float64 is never downcast, as in autocast.
+    if autocast and x.dtype != torch.float64 and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def adapter_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                    magnitude: Optional[Tensor], scale: float, dropout_p: float, seed: int) -> Tensor:
+    """One LoRA (``magnitude`` None) or DoRA layer through lrk's fused op.
+
+    Adapter tensors are cast to the compute dtype (the base weight's, or the
+    autocast dtype), so fp32 adapters on a bf16 base work and their gradients
+    come back in their own dtype through the cast; a float32 magnitude stays
+    float32 (dora_fused takes it with half operands). ``x`` must already match
+    the base weight outside autocast, as for ``nn.Linear``.
+    """
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = _compute_dtype(x, weight, autocast)
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    x, weight, bias, lora_a, lora_b = cast(x), cast(weight), cast(bias), cast(lora_a), cast(lora_b)
+    half = dtype in (torch.bfloat16, torch.float16)
+    if not (half and magnitude is not None and magnitude.dtype == torch.float32):
+        magnitude = cast(magnitude)
+    if autocast:
+        # Operands are cast already; autocast must not reach the ATen calls inside
+        # lrk's CPU kernels (it would split their fp32 accumulators from bf16 operands).
+        with torch.autocast(x.device.type, enabled=False):
+            return _fused(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
+    return _fused(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
+
+
+def _fused(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
+    if magnitude is None:
+        return torch.ops.lrk.lora_fused(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed))
+    return torch.ops.lrk.dora_fused(x, weight, bias, lora_a, lora_b, magnitude, float(scale),
+                                    float(dropout_p), int(seed))
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + s * (dropout(x) @ A^T) @ B^T`` on a frozen ``nn.Linear``;
+    with ``use_dora=True``: ``y = g * (x @ W^T + s * (dropout(x) @ A^T) @ B^T) + bias``,
+    ``g = lora_magnitude_vector / ||W + s * B @ A||`` (row norms, a constant in backward).
+
+    ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+    ``init_lora_weights``: True (A Kaiming-uniform, B zero: the layer starts as the
+    base layer), "gaussian" (A normal with std 1/r, B zero) or False (A and B both
+    with nn.Linear's default init, a non-zero adapter; for tests), as PEFT does.
+
+    Dropout (training mode only) draws a fresh seed per call from torch's default
+    generator. With DoRA it applies to the LoRA branch only, as in the DoRA paper;
+    PEFT's DoRA in training mode with dropout instead also computes the
+    magnitude-rescaled base term on the dropped input (an extra full GEMM), so the
+    two differ when dropout > 0 (they agree exactly with dropout 0 or in eval mode).
+
+    ``merge()`` folds the adapter into ``base_layer.weight`` (for inference: while
+    merged, forward is the base layer alone and the adapter gets no gradient);
+    ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False,
+                 init_lora_weights: Union[bool, str] = True) -> None:
+        super().__init__()
+        _check_arguments(base, r, lora_alpha, lora_dropout, init_lora_weights)
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.r = int(r)
+        self.lora_alpha = float(lora_alpha)
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.use_dora = bool(use_dora)
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, **factory))
+        self._init_adapter(init_lora_weights)
+        if self.use_dora:
+            # PEFT's init: the norm of W + s*B@A, which is ||W|| for a zero B.
+            self.lora_magnitude_vector = nn.Parameter(self._adapted_row_norm().to(base.weight.dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+        self._merged = False
+        self._merged_norm: Optional[Tensor] = None  # DoRA: the norm merge() used, needed to unmerge
+
+    @torch.no_grad()
+    def _init_adapter(self, init_lora_weights: Union[bool, str]) -> None:
+        if init_lora_weights is True or init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ shape and base access
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        # Code that reads `layer.weight` (dtype/device probes, tying) keeps working.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._merged:
+            return self.base_layer(x)
+        p = self.lora_dropout if self.training else 0.0
+        seed = fresh_seed() if p > 0.0 else 0  # no RNG draw in eval mode
+        return adapter_forward(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                               self.lora_magnitude_vector, self.scaling, p, seed)
+
+    # ------------------------------------------------------------------ merge / unmerge
+
+    def _delta_weight(self) -> Tensor:
+        """s * B @ A in float32 (float64 for float64 weights), for merging."""
+        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
+
+    def _adapted_row_norm(self) -> Tensor:
+        w = self.base_layer.weight.detach()
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return torch.linalg.vector_norm(w.to(acc) + self._delta_weight(), dim=1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into base_layer.weight: W + s*B@A, or for DoRA
+        g * (W + s*B@A) with the current g. A no-op (with a warning) when merged."""
+        if self._merged:
+            warnings.warn("LoRALinear.merge(): already merged, nothing to do")
+            return
+        w = self.base_layer.weight
+        delta = self._delta_weight()
+        merged = w.to(delta.dtype) + delta
+        if self.use_dora:
+            norm = torch.linalg.vector_norm(merged, dim=1)
+            merged = (self.lora_magnitude_vector.detach().to(norm.dtype) / norm).unsqueeze(1) * merged
+            self._merged_norm = norm
+        w.copy_(merged.to(w.dtype))
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W = W' - s*B@A, or W'/g - s*B@A with the g that merge used.
+        A no-op (with a warning) when not merged."""
+        if not self._merged:
+            warnings.warn("LoRALinear.unmerge(): not merged, nothing to do")
+            return
+        w = self.base_layer.weight
+        delta = self._delta_weight()
+        orig = w.to(delta.dtype)
+        if self.use_dora:
+            g = self.lora_magnitude_vector.detach().to(delta.dtype) / self._merged_norm
+            orig = orig / g.unsqueeze(1)
+            self._merged_norm = None
+        w.copy_((orig - delta).to(w.dtype))
+        self._merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:.4g}, lora_dropout={self.lora_dropout:g}, "
+                f"use_rslora={self.use_rslora}, use_dora={self.use_dora}, merged={self._merged}")
+
+
+def _check_arguments(base, r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
+    if not base.weight.is_floating_point():
+        raise ValueError(f"base: expected a floating-point weight, got {base.weight.dtype} "
+                         "(quantized layers are not supported)")
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"r: expected an int, got {r!r}")
+    if r < 1:
+        raise ValueError(f"r: expected a rank of at least 1, got {r}")
+    if r > min(base.in_features, base.out_features):
+        raise ValueError(f"r: rank {r} is larger than min(in_features, out_features) = "
+                         f"min({base.in_features}, {base.out_features})")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
+            or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
+        raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
+
+
+# ---------------------------------------------------------------------------- model surgery
+
+
+def _is_target(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
+    # PEFT's rule: a string is a regex that must match the whole qualified name;
+    # a list matches a name equal to an entry or ending with "." + entry.
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def apply_lora(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, lora_alpha: float = 8,
+               lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
+               init_lora_weights: Union[bool, str] = True) -> nn.Module:
+    """Replace every nn.Linear of ``model`` whose qualified name matches
+    ``target_modules`` (PEFT's rule: a list of name suffixes such as
+    ``["q_proj", "v_proj"]``, or a regex string matched against the full name)
+    by a LoRALinear, freeze every other parameter, and return ``model`` (changed in place).
+
+    Raises ValueError when nothing matches, or when a matching module is not an nn.Linear.
+    """
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"target_modules: expected a regex string or a non-empty list of names, "
+                             f"got {target_modules!r}")
+    # Collect first, replace after: replacing while iterating named_modules would
+    # visit the new modules (and their base_layer) too.
+    targets = [(name, module) for name, module in model.named_modules() if name and _is_target(name, target_modules)]
+    if not targets:
+        raise ValueError(f"target_modules: no module of {type(model).__name__} matches {target_modules!r}")
+    for name, module in targets:
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"target_modules: {name!r} already has a LoRA adapter")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target_modules: {name!r} matches but is a {type(module).__name__}, "
+                             "only nn.Linear can be adapted")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                          use_rslora=use_rslora, use_dora=use_dora,
+                                          init_lora_weights=init_lora_weights))
+    return model

@@ -6,31 +6,31 @@
 TORCH_LIBRARY(lrk, m) {
   // ---- common ---------------------------------------------------------------
   // dropout(x) with lrk's Philox mask: a pure function of (seed, element index).
-  m.def("philox_dropout(Tensor x, float p, int seed) -> Tensor");
+  m.def("philox_dropout(Tensor x, float p, SymInt seed) -> Tensor");
 
   // ---- fused LoRA (ops.md section 1) -------------------------------------------
   // y = x @ weight^T + bias + scale * (dropout(x) @ lora_a^T) @ lora_b^T, with autograd.
   m.def(
       "lora_fused(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scale=1.0, float dropout_p=0.0, int seed=0) -> Tensor");
+      "float scale=1.0, float dropout_p=0.0, SymInt seed=0) -> Tensor");
   // Forward: returns (y, h) with h = dropout(x) @ lora_a^T, the only activation
   // that backward needs besides x.
   m.def(
       "lora_fused_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor)");
   // Backward: returns (grad_x, grad_lora_a, grad_lora_b); grad_x is an empty
   // tensor when need_grad_x is false. grad_weight and grad_bias are plain
   // products that the autograd formula computes only when asked for.
   m.def(
       "lora_fused_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-      "Tensor h, float scale, float dropout_p, int seed, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
+      "Tensor h, float scale, float dropout_p, SymInt seed, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
 
   // ---- fused DoRA (ops.md section 1) ------------------------------------------
   // y = g * (x @ weight^T + scale * (dropout(x) @ lora_a^T) @ lora_b^T) + bias,
   // g = magnitude / ||weight + scale * lora_b @ lora_a||_row (a constant in backward).
   m.def(
       "dora_fused(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor magnitude, "
-      "float scale=1.0, float dropout_p=0.0, int seed=0, Tensor? weight_sq_norm=None) -> Tensor");
+      "float scale=1.0, float dropout_p=0.0, SymInt seed=0, Tensor? weight_sq_norm=None) -> Tensor");
   // Row norms of weight + scale * lora_b @ lora_a ([N], float32) without forming
   // the sum; weight_sq_norm (||weight_n||^2, float32) may be cached by the caller.
   m.def(
@@ -39,10 +39,10 @@ TORCH_LIBRARY(lrk, m) {
   // Forward: (y, h, y_unscaled, weight_norm); y_unscaled = x @ W^T + scale * h @ B^T.
   m.def(
       "dora_fused_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor magnitude, "
-      "float scale, float dropout_p, int seed, Tensor? weight_sq_norm) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale, float dropout_p, SymInt seed, Tensor? weight_sq_norm) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward: (grad_x, grad_lora_a, grad_lora_b, grad_magnitude); grad_x empty unless need_grad_x.
   m.def(
       "dora_fused_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor magnitude, "
-      "Tensor h, Tensor y_unscaled, Tensor weight_norm, float scale, float dropout_p, int seed, "
+      "Tensor h, Tensor y_unscaled, Tensor weight_norm, float scale, float dropout_p, SymInt seed, "
       "bool need_grad_x) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -196,3 +196,35 @@ def test_device_mix():
     args["lora_a"] = args["lora_a"].cpu()
     with pytest.raises(RuntimeError, match="lora_a: expected a tensor on cuda"):
         lrk.lora_fused(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_with_seed_drawn_in_the_graph(device):
+    """The seed is a SymInt: a compiled training step may draw it from torch's RNG
+    (capture_scalar_outputs) without a graph break or a recompile per seed."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    x, w, b, a, bb = _inputs((6,), 16, 12, 4, torch.float32, device)
+
+    def step(x):
+        seed = torch.randint(0, 2**62, ()).item()
+        return lrk.lora_fused(x, w, b, a, bb, 1.0, 0.3, seed).square().sum()
+
+    old = torch._dynamo.config.capture_scalar_outputs, torch._inductor.config.fallback_random
+    torch._dynamo.config.capture_scalar_outputs = True
+    torch._inductor.config.fallback_random = True  # inductor draws from eager's RNG stream
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+        for trial in range(3):  # new seeds, one compilation
+            torch.manual_seed(trial)
+            loss_c = compiled(x)
+            (ga_c,) = torch.autograd.grad(loss_c, a)
+            torch.manual_seed(trial)
+            loss_e = step(x)
+            (ga_e,) = torch.autograd.grad(loss_e, a)
+            torch.testing.assert_close(loss_c, loss_e)
+            torch.testing.assert_close(ga_c, ga_e)
+    finally:
+        torch._dynamo.config.capture_scalar_outputs, torch._inductor.config.fallback_random = old

@@ -125,11 +125,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_bwd(
 
 at::Tensor dora_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& magnitude, double scale,
-                      double dropout_p, int64_t seed, const std::optional<at::Tensor>& weight_sq_norm) {
+                      double dropout_p, c10::SymInt seed, const std::optional<at::Tensor>& weight_sq_norm) {
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("lrk::dora_fused_fwd", "")
-                        .typed<decltype(dora_fused_fwd)>();
-  return std::get<0>(fwd.call(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, weight_sq_norm));
+                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, double, double, c10::SymInt,
+                            const std::optional<at::Tensor>&)>();
+  return std::get<0>(
+      fwd.call(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, std::move(seed), weight_sq_norm));
 }
 
 }  // namespace

@@ -105,7 +105,7 @@ def lora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
     The dropout mask is regenerated from ``seed`` in backward (use a new seed each step).
     Gradients flow to x, lora_a, lora_b, and to weight / bias when they require grad.
     """
-    return torch.ops.lrk.lora_fused(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed))
+    return torch.ops.lrk.lora_fused(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed)
 
 
 # ----------------------------------------------------------------------------- fused DoRA
@@ -173,7 +173,7 @@ def dora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
     row norms of a frozen W in float32, float64 for float64 W) may be cached by the caller.
     """
     return torch.ops.lrk.dora_fused(x, weight, bias, lora_a, lora_b, magnitude, float(scale), float(dropout_p),
-                                    int(seed), weight_sq_norm)
+                                    seed, weight_sq_norm)
 
 
 def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,

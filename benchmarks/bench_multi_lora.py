@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import lrk
 import lrk.multi_lora_ops as mlo
 from benchmarks.harness import Result, environment, print_table, time_ms, write_json
 

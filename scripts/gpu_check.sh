@@ -6,6 +6,8 @@
 #
 #   bash scripts/gpu_check.sh            # full check
 #   LRK_GPU_CHECK_BENCH=0 bash scripts/gpu_check.sh   # tests only
+#   LRK_GPU_CHECK_TESTS="tests/test_multi_lora_ops.py tests/test_multi_lora_module.py" \
+#   LRK_GPU_CHECK_BENCHES=bench_multi_lora bash scripts/gpu_check.sh   # one family
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -51,11 +53,13 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 export PYTHONPATH=$ROOT/python:$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 log "tests"
 t0=$(date +%s)
-$PY -m pytest -q -x -p no:cacheprovider tests --junitxml="$OUT/tests.xml" -rs 2>&1 | tail -40 | tee "$OUT/tests.txt"
+$PY -m pytest -q -x -p no:cacheprovider ${LRK_GPU_CHECK_TESTS:-tests} --junitxml="$OUT/tests.xml" -rs 2>&1 | tail -40 | tee "$OUT/tests.txt"
 log "tests done in $(( $(date +%s) - t0 )) s"
 
 if [ "${LRK_GPU_CHECK_BENCH:-1}" = "1" ]; then
   log "benchmarks"
-  $PY -m benchmarks.bench_lora ${LRK_BENCH_ARGS:-} --json "$OUT/bench_lora.json" 2>&1 | grep -v Warning | tee "$OUT/bench_lora.txt"
+  for bench in ${LRK_GPU_CHECK_BENCHES:-bench_lora bench_multi_lora}; do
+    $PY -m benchmarks.$bench ${LRK_BENCH_ARGS:-} --json "$OUT/$bench.json" 2>&1 | grep -v Warning | tee "$OUT/$bench.txt"
+  done
 fi
 log "done"

@@ -11,7 +11,7 @@ import lrk
 import lrk.multi_lora_ops as mlo
 from lrk import reference_multi_lora as ref
 from conftest import DEVICES
-from helpers import TOLERANCE, assert_close, poison_cuda_allocator
+from helpers import assert_close, poison_cuda_allocator
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

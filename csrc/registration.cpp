@@ -45,4 +45,28 @@ TORCH_LIBRARY(lrk, m) {
       "dora_fused_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor magnitude, "
       "Tensor h, Tensor y_unscaled, Tensor weight_norm, float scale, float dropout_p, SymInt seed, "
       "bool need_grad_x) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- batched multi-adapter LoRA for serving (ops.md section 2) -------------------
+  // A pool of n adapters per output slice: lora_a[s] [n, r_max, K], lora_b[s]
+  // [n, N_s, r_max]; ranks [n] (int32/int64, each <= r_max: an adapter of rank r
+  // costs r), scales [n] (float32). Adapter of a token: adapter_ids [M] (per-token
+  // layout, BGMV), or segments (sorted tokens, SGMV): tokens
+  // [seg_offsets[s], seg_offsets[s+1]) use seg_adapters[s]. -1 = no adapter.
+  // No op reads device values on the host (CUDA-graph capturable); shapes never
+  // depend on values. Not differentiable (serving).
+  //
+  // Shrink: h[s, i, :r_j] = lora_a[s][j, :r_j] @ x[i], j the adapter of token i;
+  // h is [slices, M, r_max] in float32 (float64 for float64 x), zero where no adapter.
+  m.def("multi_lora_shrink(Tensor x, Tensor[] lora_a, Tensor ranks, Tensor adapter_ids) -> Tensor");
+  m.def(
+      "multi_lora_shrink_segments(Tensor x, Tensor[] lora_a, Tensor ranks, Tensor seg_offsets, "
+      "Tensor seg_adapters) -> Tensor");
+  // Expand, in place: y[i, off_s : off_s + N_s] += scales[j] * lora_b[s][j, :, :r_j] @ h[s, i, :r_j];
+  // slice_offsets (one per pool, non-overlapping) default to the pools packed from column 0.
+  m.def(
+      "multi_lora_expand(Tensor(a!) y, Tensor h, Tensor[] lora_b, Tensor ranks, Tensor scales, "
+      "Tensor adapter_ids, int[]? slice_offsets=None) -> ()");
+  m.def(
+      "multi_lora_expand_segments(Tensor(a!) y, Tensor h, Tensor[] lora_b, Tensor ranks, Tensor scales, "
+      "Tensor seg_offsets, Tensor seg_adapters, int[]? slice_offsets=None) -> ()");
 }

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh            # full check
 #   LRK_GPU_CHECK_BENCH=0 bash scripts/gpu_check.sh   # tests only
 #   LRK_BENCHES="bench_lora" LRK_BENCH_ARGS=--quick bash scripts/gpu_check.sh
+#   LRK_GPU_CHECK_TESTS="tests/test_multi_lora_ops.py" LRK_BENCHES=bench_multi_lora bash scripts/gpu_check.sh
 # $OUT ends up with summary.txt (read this) and results.tar.gz (logs, JUnit XML, JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +54,7 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 export PYTHONPATH=$ROOT/python:$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 log "tests"
 t0=$(date +%s)
-$PY -m pytest -q -p no:cacheprovider tests --maxfail=30 --junitxml="$OUT/tests.xml" -rfs 2>&1 | tail -60 > "$OUT/tests.txt"
+$PY -m pytest -q -p no:cacheprovider ${LRK_GPU_CHECK_TESTS:-tests} --maxfail=30 --junitxml="$OUT/tests.xml" -rfs 2>&1 | tail -60 > "$OUT/tests.txt"
 log "tests done in $(( $(date +%s) - t0 )) s"
 
 if [ "${LRK_GPU_CHECK_BENCH:-1}" = "1" ]; then

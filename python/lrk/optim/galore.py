@@ -268,7 +268,7 @@ class GaLoreAdamW(Optimizer):
             return go.philox_normal_(out, state["proj_current_seed"], 1.0 / math.sqrt(group["rank"]))
         if "proj_packed" in state:
             return go.dequantize_int4(state["proj_packed"], state["proj_scales"], state["proj_zeros"], size,
-                                      group["quant_group_size"])
+                                      group["quant_group_size"]).to(dtype)
         return state["proj"]
 
     def _new_projector(self, g: Tensor, group: dict, state: dict, left: bool, size: int, shard) -> Tensor:
@@ -350,7 +350,7 @@ class GaLoreAdamW(Optimizer):
         hyper = self._hyper(group, state["step"])
         fira_norm = state.get("fira_norm")
         if shard is None:
-            if "proj_packed" in state:
+            if "proj_packed" in state and w.dtype != torch.float64:  # the op dequantises inside
                 go.galore_adamw_step(w, g, state["exp_avg"], state["exp_avg_sq"], state["proj_packed"], left=left,
                                      scale=group["scale"], proj_scales=state["proj_scales"],
                                      proj_zeros=state["proj_zeros"], quant_group_size=group["quant_group_size"],

@@ -373,3 +373,23 @@ def test_small_training_run_matches_adamw(case, adamw_reference_loss):
     loss = _fit(model, opt, data)
     assert loss < 0.25 * initial, f"did not learn: {loss:.4f} vs initial {initial:.4f}"
     assert loss <= 1.10 * adamw_reference_loss, f"GaLore {loss:.5f} vs AdamW {adamw_reference_loss:.5f}"
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.id == "cuda"])
+@pytest.mark.parametrize("proj_type", ["rsvd", "dct"])
+def test_tf32_gemms_stay_close_to_the_fp32_trajectory(device, proj_type):
+    """With TF32 projection GEMMs (torch.backends.cuda.matmul.allow_tf32), the
+    cumulative weight change after 20 steps is within 2% of the fp32 run's."""
+    runs = {}
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            model = _mlp(device)
+            start = [p.detach().clone() for p in model.parameters()]
+            opt = GaLoreAdamW(_groups(model, rank=4, update_proj_gap=5, proj_type=proj_type), lr=1e-3)
+            _train(model, opt, 20, device=device)
+            runs[tf32] = [p.detach() - s for p, s in zip(model.parameters(), start)]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+    for d_tf32, d_fp32 in zip(runs[True], runs[False]):
+        assert_close(d_tf32, d_fp32, torch.float32, "weight change", factor=2e3)

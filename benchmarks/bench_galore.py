@@ -6,7 +6,7 @@ refresh   time to compute the projector from a low-rank-plus-noise gradient
           (rank-r signal with random singular vectors, geometric spectrum, plus
           Gaussian noise), and its captured energy ||P^T G||^2 / ||G||^2 relative
           to the exact SVD's at the same rank ("energy" column; the random
-          projector's range is orthonormalised first, since P itself is not).
+          and int4 projectors' ranges are orthonormalised first, since P itself is not).
           Contenders: torch.linalg.svd (galore-torch's refresh), torch.svd_lowrank,
           lrk svd / rsvd (q = 1, 2) / dct / random, and int4 storage of an rsvd P.
 step      one optimizer step on the [m, n] fp32 parameter: torch.optim.AdamW on
@@ -76,7 +76,7 @@ def refresh_table(m, n, rank, device, reps_ms):
                     lambda idx: go.dct_basis(idx, m if left else n)),
         "lrk random": (lambda: go.random_projector(g, rank, left, 0), orth),
         "lrk rsvd q1 + int4": (lambda: go.quantize_int4(go.rsvd_projector(g, rank, left, 8, 1, 0), 256),
-                               lambda q: go.dequantize_int4(*q, m if left else n, 256)),
+                               lambda q: orth(go.dequantize_int4(*q, m if left else n, 256))),
     }
     results = []
     for name, (fn, to_proj) in contenders.items():
@@ -215,7 +215,7 @@ def memory_table(m, n, rank, device, methods):
         opt = GaLoreAdamW([{"params": [w], "rank": rank, **settings}], lr=1e-3)
         opt.step()
         nbytes = sum(t.numel() * t.element_size() for t in opt.state[w].values() if torch.is_tensor(t))
-        results.append(Result(case=case, contender=f"GaLoreAdamW {name}", ms=None,
+        results.append(Result(case=case, contender=f"GaLore {name}", ms=None,
                               note=f"{nbytes / 2**20:.2f} MiB", extra={"state_bytes": nbytes}))
     return results
 

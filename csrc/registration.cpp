@@ -69,4 +69,53 @@ TORCH_LIBRARY(lrk, m) {
   m.def(
       "multi_lora_expand_segments(Tensor(a!) y, Tensor h, Tensor[] lora_b, Tensor ranks, Tensor scales, "
       "Tensor seg_offsets, Tensor seg_adapters, int[]? slice_offsets=None) -> ()");
+
+  // ---- GaLore-family low-rank gradient projection (ops.md section 3) --------
+  // A projector is [size, rank] with orthonormal-ish columns: size = n (right
+  // projection, R = grad @ proj) or m (left projection, R = proj^T @ grad);
+  // galore-torch's default side rule is left iff m < n. Projectors and optimizer
+  // states are float32 (float64 for float64 gradients).
+  // Fills out (contiguous) with N(0, std^2) samples from lrk's Philox stream,
+  // a pure function of (seed, element index): identical on CPU and CUDA.
+  m.def("philox_normal_(Tensor(a!) out, int seed, float std=1.0) -> ()");
+  // Exact reference: the top-rank singular vectors (torch.linalg.svd).
+  m.def("galore_svd_projector(Tensor grad, int rank, bool left) -> Tensor");
+  // Randomized range finder: Y = (A A^T)^q A Omega, Omega [., rank + oversample]
+  // Philox Gaussian from seed, Q = qr(Y), small SVD of Q^T A, keep rank columns.
+  m.def(
+      "galore_rsvd_projector(Tensor grad, int rank, bool left, int oversample=8, int power_iters=1, "
+      "int seed=0) -> Tensor");
+  // Seeded Gaussian / sqrt(rank) (only the seed needs storing).
+  m.def("galore_random_projector(Tensor grad, int rank, bool left, int seed) -> Tensor");
+  // DCT-II selection: scores ||D_j^T grad||^2 (left) or ||grad D_j||^2 (right) of the
+  // orthonormal DCT-II basis vectors D_j, computed with an FFT (no basis needed).
+  m.def("galore_dct_scores(Tensor grad, bool left) -> Tensor");
+  // The rank best-scoring basis indices (int64, best first; ties: lower index first).
+  m.def("galore_dct_select(Tensor grad, int rank, bool left) -> Tensor");
+  // Columns `indices` of the orthonormal DCT-II basis of length size: [size, len(indices)].
+  m.def("galore_dct_basis(Tensor indices, int size, ScalarType? dtype=None) -> Tensor");
+  // Int4 storage of a projector [size, rank]: per column, groups of group_size rows
+  // (group_size <= 0: the whole column) with an fp32 scale and a uint8 zero point
+  // (asymmetric, as Q-GaLore). Returns (packed uint8 [rank, ceil(size/2)], scales
+  // float32 [rank, groups], zeros uint8 [rank, groups]).
+  m.def("galore_quantize_int4(Tensor proj, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "galore_dequantize_int4(Tensor packed, Tensor scales, Tensor zeros, int size, int group_size) -> Tensor");
+  // R = proj^T @ grad (left) or grad @ proj (right), in the projector's dtype.
+  m.def("galore_project(Tensor grad, Tensor proj, bool left) -> Tensor");
+  // One GaLore AdamW step (galore-torch's semantics), mutating param, exp_avg and
+  // exp_avg_sq in place:
+  //   R = proj^T grad | grad proj (or low_rank_grad when given: e.g. all-reduced shards)
+  //   M = b1 M + (1-b1) R ; V = b2 V + (1-b2) R*R ; N = M / (sqrt(V) + eps)
+  //   param -= lr * sqrt(1-b2^t)/(1-b1^t) * (scale * back(N) [+ Fira residual])
+  //   param -= lr * weight_decay * param
+  // proj None: plain AdamW on any shape (same formula, R = grad). proj uint8: int4
+  // storage (scales, zeros, quant_group_size as galore_quantize_int4), dequantised
+  // inside. fira: adds phi * (grad - P P^T grad) with the norm-growth limiter; its
+  // state fira_prev_norm (1 element, -1 = no previous) is updated in place.
+  m.def(
+      "galore_adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor? proj, Tensor? proj_scales, Tensor? proj_zeros, int quant_group_size, bool left, int step, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float scale, bool correct_bias=True, "
+      "Tensor? low_rank_grad=None, bool fira=False, Tensor(d!)? fira_prev_norm=None) -> ()");
 }

@@ -1,0 +1,4 @@
+"""lrk's optimizers."""
+from .galore import GaLoreAdamW
+
+__all__ = ["GaLoreAdamW"]

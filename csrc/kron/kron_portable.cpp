@@ -2,17 +2,25 @@
 #include "kron/kron_portable.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace lrk {
 namespace {
 
 // Upper bound on the elements of the per-chunk intermediate (Z, dZ): 2^27
 // elements is 256 MiB in bf16; typical shapes (a few terms) fit in one chunk.
-constexpr int64_t kIntermediateBudget = int64_t(1) << 27;
+// LRK_KRON_MAX_INTERMEDIATE (elements) overrides it, e.g. to trade speed for memory.
+int64_t intermediate_budget() {
+  if (const char* env = std::getenv("LRK_KRON_MAX_INTERMEDIATE")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return v;
+  }
+  return int64_t(1) << 27;
+}
 
 int64_t rows_per_chunk(const KronDims& d) {
   const int64_t per_row = std::max<int64_t>(d.n1 * d.k * d.m2, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(d.M, kIntermediateBudget / per_row));
+  return std::max<int64_t>(1, std::min<int64_t>(d.M, intermediate_budget() / per_row));
 }
 
 // Uc[i1, (j1, t)] = coef_t * u[t, i1, j1]: the terms side by side along the
@@ -109,7 +117,7 @@ KronGrads kron_backward_portable(const at::Tensor& dy2, const at::Tensor& x2, co
   if (mask.v) g.v = dv_rows.view({d.k, d.m2, d.n2}).to(x2.scalar_type());
   if (need_g) {
     const at::Tensor grad_uc3 = grad_uc.view({d.m1, d.n1, d.k}).permute({2, 0, 1});  // [t, i1, j1]
-    if (mask.u) g.u = (grad_uc3 * coef.view({d.k, 1, 1})).to(x2.scalar_type());
+    if (mask.u) g.u = (grad_uc3 * coef.view({d.k, 1, 1})).to(x2.scalar_type()).contiguous();
     if (mask.sigma) g.sigma = (grad_uc3 * u.to(acc)).sum({1, 2}).mul_(scale).to(x2.scalar_type());
   }
   return g;

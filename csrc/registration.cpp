@@ -68,6 +68,6 @@ TORCH_LIBRARY(lrk, m) {
   // (sigma [rank], u [rank, m1, n1], v [rank, m2, n2]) with unit-norm factors, in
   // float64 for float64 weights and float32 otherwise.
   m.def(
-      "kpsvd(Tensor weight, int m1, int m2, int n1, int n2, int rank, str method=\"auto\", int oversample=10, "
-      "int power_iters=4, int seed=0) -> (Tensor, Tensor, Tensor)");
+      "kpsvd(Tensor weight, int m1, int m2, int n1, int n2, int rank, str method=\"auto\", int oversample=20, "
+      "int power_iters=8, int seed=0) -> (Tensor, Tensor, Tensor)");
 }

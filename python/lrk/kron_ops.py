@@ -111,7 +111,7 @@ def kron_dense(u: Tensor, v: Tensor, sigma: Optional[Tensor] = None, scale: floa
 
 
 @torch.library.register_fake("lrk::kpsvd")
-def _kpsvd_fake(weight, m1, m2, n1, n2, rank, method="auto", oversample=10, power_iters=4, seed=0):
+def _kpsvd_fake(weight, m1, m2, n1, n2, rank, method="auto", oversample=20, power_iters=8, seed=0):
     torch._check(weight.dim() == 2, lambda: f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
     torch._check(m1 * m2 == weight.shape[0] and n1 * n2 == weight.shape[1],
                  lambda: f"m1*m2, n1*n2: expected {tuple(weight.shape)}, got ({m1 * m2}, {n1 * n2})")
@@ -129,7 +129,7 @@ class KronFactors(NamedTuple):
 
 
 def kpsvd(weight: Tensor, factors: tuple[int, int, int, int], rank: int, method: str = "auto",
-          oversample: int = 10, power_iters: int = 4, seed: int = 0) -> KronFactors:
+          oversample: int = 20, power_iters: int = 8, seed: int = 0) -> KronFactors:
     """Kronecker-product SVD of ``weight [m1*m2, n1*n2]`` for ``factors = (m1, m2, n1, n2)``:
     the best sum of ``rank`` Kronecker products in Frobenius norm (Van Loan-Pitsianis).
 

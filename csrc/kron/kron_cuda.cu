@@ -1,14 +1,18 @@
 // CUDA kernels of the Kronecker adapter ops (any sm_80+ GPU).
 //
-// The portable form (kron_portable.h): per chunk of rows one cuBLAS GEMM
-// (x @ V^T for all terms at once) and one strided-batched GEMM (the shared
-// side-by-side U factors against every row), in the input dtype with fp32
-// accumulation; the frozen base GEMM then adds into the adapter's output (beta = 1).
+// Forward: bf16/fp16 inputs whose factors fit take the fused kernel (kron_fused.h:
+// all terms in one kernel, x read once, y written once); everything else takes the
+// portable form (kron_portable.h): per chunk of rows one cuBLAS GEMM (x @ V^T for
+// all terms at once) and one strided-batched GEMM (the side-by-side U factors
+// against every row), in the input dtype with fp32 accumulation. Either way the
+// frozen base GEMM then adds into the adapter's output (beta = 1).
+// Backward: the portable form.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
 
+#include "kron/kron_fused.h"
 #include "kron/kron_portable.h"
 
 namespace lrk {
@@ -21,6 +25,12 @@ at::Tensor kron_linear_cuda(const at::Tensor& x, const at::Tensor& u, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
   const at::Tensor coef = kron_coefficients(sigma, d.k, scale, x.scalar_type(), x.device());
+  if (kron_fused_supported(x2, d)) {
+    at::Tensor y = at::empty({d.M, d.N}, x.options());
+    kron_fused_forward_cuda(x2, u.contiguous(), v.contiguous(), coef, bias, y, d);
+    if (has_tensor(weight)) y.addmm_(x2, weight->t());
+    return y.reshape(kron_out_shape(x, d.N));
+  }
   const at::Tensor y = kron_forward_portable(x2, u, v, coef, weight, bias, d);
   return y.reshape(kron_out_shape(x, d.N));
 }

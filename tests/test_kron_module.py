@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lrk
+import lrk.nn.kron
 from lrk import reference_kron as ref
 from lrk.kron_ops import kron_dense
 from lrk.nn.kron import KronLinear
@@ -273,3 +274,23 @@ def test_default_factorization_and_bad_arguments():
         KronLinear(_base(20, 24), terms=1, scale=0.0)
     with pytest.raises(TypeError, match="base: expected an nn.Linear"):
         KronLinear(nn.Conv1d(2, 2, 1), terms=1)
+
+
+def test_apply_and_prune_on_a_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 12))
+    x = torch.randn(5, 16)
+    y = model(x).detach()
+    lrk.nn.kron.apply_kron(model, ["0", "2"], terms=4)
+    assert isinstance(model[0], KronLinear) and isinstance(model[2], KronLinear)
+    assert model[0].factors == (4, 8, 4, 4) and model[2].factors == (3, 4, 4, 8)
+    torch.testing.assert_close(model(x), y)  # KPSVD init keeps the output
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{i}.kron_{p}" for i in (0, 2) for p in ("u", "v", "sigma")}
+    kept = lrk.nn.kron.prune_kron(model, "energy", tau=0.5, merge_pruned=True)
+    assert set(kept) == {"0", "2"} and all(1 <= k <= 4 for k in kept.values())
+    torch.testing.assert_close(model(x), y)  # the pruned part went into the base weights
+    with pytest.raises(ValueError, match="no module of Sequential matches"):
+        lrk.nn.kron.apply_kron(model, ["q_proj"], terms=2)
+    with pytest.raises(ValueError, match="'1' is a ReLU, expected an nn.Linear"):
+        lrk.nn.kron.apply_kron(model, ["1"], terms=2)

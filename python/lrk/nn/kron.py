@@ -8,8 +8,9 @@ Kronecker product is never formed).
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from ..kron_ops import kpsvd, kron_dense
 from ..kron_select import choose_factorization, elbow_rank, energy_rank
 
-__all__ = ["KronLinear"]
+__all__ = ["KronLinear", "apply_kron", "prune_kron"]
 
 _LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -63,6 +64,8 @@ class KronLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if not base.weight.is_floating_point():
+            raise TypeError(f"base: expected a floating-point weight, got {base.weight.dtype}")
         n_out, n_in = base.out_features, base.in_features
         factors = tuple(int(f) for f in (factors or choose_factorization(n_out, n_in)))
         if len(factors) != 4:
@@ -315,3 +318,53 @@ class KronLinear(nn.Module):
             layer.kron_v.copy_(w2.unsqueeze(0))
             layer.kron_sigma.fill_(1.0)
         return layer
+
+
+# ---------------------------------------------------------------------------- model surgery
+
+
+def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
+    # PEFT's rule: a string is a regex matched against the whole qualified name; a list
+    # matches a name equal to an entry or ending with "." + entry.
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def apply_kron(model: nn.Module, target_modules: Union[str, Sequence[str]], terms: int, scale: float = 1.0,
+               init: str = "kpsvd", factor: int = -1, kpsvd_method: str = "auto", seed: int = 0) -> nn.Module:
+    """Replace every nn.Linear of ``model`` whose qualified name matches ``target_modules``
+    (a list of name suffixes such as ``["q_proj", "v_proj"]``, or a regex for the full name)
+    by a KronLinear with ``terms`` terms (factors from ``choose_factorization(out, in,
+    factor)``, capped at the layer's maximum number of terms), freeze every other
+    parameter, and return ``model`` (changed in place). Raises ValueError when nothing
+    matches or a matching module is not an nn.Linear."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"target_modules: expected a regex string or a non-empty list of names, "
+                             f"got {target_modules!r}")
+    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
+    if not targets:
+        raise ValueError(f"target_modules: no module of {type(model).__name__} matches {target_modules!r}")
+    for name, module in targets:
+        if isinstance(module, KronLinear) or not isinstance(module, nn.Linear):
+            raise ValueError(f"target_modules: {name!r} is a {type(module).__name__}, expected an nn.Linear")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in targets:
+        m1, m2, n1, n2 = choose_factorization(module.out_features, module.in_features, factor)
+        k = min(int(terms), m1 * n1, m2 * n2)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, KronLinear(module, k, factors=(m1, m2, n1, n2), scale=scale, init=init,
+                                          kpsvd_method=kpsvd_method, seed=seed))
+    return model
+
+
+def prune_kron(model: nn.Module, rule: str = "energy", tau: float = 0.99, min_terms: int = 1,
+               merge_pruned: bool = False, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, int]:
+    """``KronLinear.prune`` on every KronLinear of ``model`` (not merged ones); returns
+    {qualified name: terms kept}."""
+    return {name: m.prune(rule, tau, min_terms, merge_pruned, optimizer)
+            for name, m in model.named_modules() if isinstance(m, KronLinear) and not m.merged}

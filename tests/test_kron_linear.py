@@ -71,7 +71,24 @@ def test_forward_backward_match_reference(device, dtype, lead, k, m1, n1, m2, n2
             continue
         assert t.grad is not None, f"no gradient for {name}"
         assert t.grad.dtype == dtype and t.grad.shape == t.shape, name
-        assert_close(t.grad, t_ref.grad, dtype, f"grad {name}", factor)
+        if name == "sigma":
+            _assert_grad_sigma_close(t.grad, t_ref.grad, gy, leaf, scale, dtype, factor)
+        else:
+            assert_close(t.grad, t_ref.grad, dtype, f"grad {name}", factor)
+
+
+def _assert_grad_sigma_close(grad, grad_ref, gy, leaf, scale, dtype, factor):
+    """grad sigma_t = scale * <dY, T_t x> is one long dot product that may cancel to
+    nearly nothing, so its error is measured against the sum of the magnitudes of its
+    summands (the dot product's condition), not against its value."""
+    x, u, v = (t.detach() for t in leaf[:3])
+    gy64 = gy.double().cpu().reshape(-1, u.shape[1] * v.shape[1])
+    x2 = x.reshape(-1, u.shape[2] * v.shape[2])
+    magnitude = torch.stack([(gy64 * (x2 @ torch.kron(u[t], v[t]).t())).abs().sum() * abs(scale)
+                             for t in range(u.shape[0])])
+    err = (grad.double().cpu() - grad_ref).norm() / magnitude.norm()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype] * factor
+    assert err < tol, f"grad sigma: error {err:.3e} relative to the summands' magnitude >= {tol:.1e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,6 +196,9 @@ def test_never_materialises_the_kronecker_product():
     if not lrk.has_cuda_kernels():
         pytest.skip("lrk built without CUDA")
     x, u, v, s, _, _ = kron_inputs((16,), 1, 64, 64, 64, 64, torch.bfloat16, "cuda", base=False)
+    lrk.kron_ops.kron_linear(x, u, v, s).float().sum().backward()  # warm-up: cuBLAS workspaces
+    for t in (x, u, v, s):
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

@@ -118,4 +118,29 @@ TORCH_LIBRARY(lrk, m) {
       "Tensor? proj, Tensor? proj_scales, Tensor? proj_zeros, int quant_group_size, bool left, int step, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, float scale, bool correct_bias=True, "
       "Tensor? low_rank_grad=None, bool fira=False, Tensor(d!)? fira_prev_norm=None) -> ()");
+
+  // ---- Kronecker adapters and KPSVD (ops.md section 5) -------------------------
+  // y = x @ weight^T + bias + scale * sum_t sigma_t (u_t ⊗ v_t) x, computed per row as
+  // u_t @ x.view(n1, n2) @ v_t^T (the Kronecker product is never formed).
+  // x [..., n1*n2], u [terms, m1, n1], v [terms, m2, n2], sigma [terms] (None: all ones),
+  // weight [m1*m2, n1*n2] and bias [m1*m2] optional. Autograd for x, u, v, sigma (and
+  // weight, bias) is registered in Python.
+  m.def(
+      "kron_linear(Tensor x, Tensor u, Tensor v, Tensor? sigma=None, Tensor? weight=None, Tensor? bias=None, "
+      "float scale=1.0) -> Tensor");
+  // Backward: (grad_x, grad_u, grad_v, grad_sigma) for output_mask = which of them to
+  // compute (x, u, v, sigma); the others are empty tensors. grad_x includes grad_y @ weight.
+  m.def(
+      "kron_linear_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor v, Tensor? sigma, Tensor? weight, float scale, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Kronecker-product SVD (Van Loan-Pitsianis): the best sum of `rank` Kronecker
+  // products sigma_t u_t ⊗ v_t approximating weight [m1*m2, n1*n2] in Frobenius norm,
+  // from the truncated SVD of the rearrangement R(weight) [m1*n1, m2*n2].
+  // method: "exact" (full SVD), "randomized" (seeded range finder with `oversample`
+  // extra columns and `power_iters` power iterations) or "auto". Returns
+  // (sigma [rank], u [rank, m1, n1], v [rank, m2, n2]) with unit-norm factors, in
+  // float64 for float64 weights and float32 otherwise.
+  m.def(
+      "kpsvd(Tensor weight, int m1, int m2, int n1, int n2, int rank, str method=\"auto\", int oversample=20, "
+      "int power_iters=8, int seed=0) -> (Tensor, Tensor, Tensor)");
 }

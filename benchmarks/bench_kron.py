@@ -1,0 +1,206 @@
+"""Kronecker adapters (ops.md section 5): kron_linear forward and forward+backward, and
+kpsvd, against what users run today. Timed in one run on the same inputs.
+
+kron_linear contenders (frozen W, bias; trainable u, v, sigma; x requires grad):
+  base          F.linear(x, W, b) alone: the floor
+  materialize   F.linear(x, W, b) + F.linear(x, sum_t sigma_t kron(u_t, v_t))  (PEFT LoKr's way)
+  einsum        F.linear(x, W, b) + einsum over X = x.view(M, n1, n2)
+  lrk           torch.ops.lrk.kron_linear(x, u, v, sigma, W, b)
+and the same without the base layer ("adapter only": the issue's forward target).
+
+kpsvd contenders on W [N, K] (float32), `terms` terms:
+  svd           torch.linalg.svd of the rearranged matrix (the exact optimum)
+  svd_lowrank   torch.svd_lowrank of the rearranged matrix (q = terms + 20, niter = 8)
+  lrk exact / lrk randomized   torch.ops.lrk.kpsvd
+"rel err" for kpsvd is the Frobenius error's excess over the exact optimum,
+(err - opt) / opt; for kron_linear it is lrk's output error against float64.
+
+    python -m benchmarks.bench_kron [--device cuda] [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import lrk
+import lrk.kron_ops  # noqa: F401
+from lrk.kron_ops import kron_dense, kron_linear
+from lrk.kron_select import choose_factorization
+from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
+
+GPU_CASES = [  # (M, N, K, terms)
+    (8192, 4096, 4096, 4),
+    (8192, 4096, 4096, 16),
+    (8192, 11008, 4096, 4),
+    (2048, 4096, 4096, 4),
+]
+CPU_CASES = [
+    (512, 1024, 1024, 4),
+    (256, 768, 512, 8),
+]
+GPU_KPSVD = [(4096, 4096, 16), (4096, 11008, 16)]
+CPU_KPSVD = [(1024, 1024, 16)]
+
+
+def _inputs(M, N, K, terms, device, dtype, gen):
+    m1, m2, n1, n2 = choose_factorization(N, K)
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(device=device, dtype=dtype)
+    b = torch.randn(N, generator=gen).to(device=device, dtype=dtype)
+    u = (torch.randn(terms, m1, n1, generator=gen) / math.sqrt(n1)).to(device=device, dtype=dtype).requires_grad_()
+    v = (torch.randn(terms, m2, n2, generator=gen) / math.sqrt(n2)).to(device=device, dtype=dtype).requires_grad_()
+    s = torch.rand(terms, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
+    return (m1, m2, n1, n2), x, w, b, u, v, s, dy
+
+
+def _contenders(factors, w, b, u, v, s, with_base):
+    m1, m2, n1, n2 = factors
+
+    def base_out(x):
+        return F.linear(x, w, b) if with_base else 0
+
+    def materialize(x):
+        delta = sum(s[t] * torch.kron(u[t], v[t]) for t in range(u.shape[0]))  # as PEFT LoKr's make_kron
+        return base_out(x) + F.linear(x, delta)
+
+    def einsum(x):
+        y = torch.einsum("tab,mbc,tdc,t->mad", u, x.view(-1, n1, n2), v, s)
+        return base_out(x) + y.reshape(x.shape[0], m1 * m2)
+
+    def lrk_op(x):
+        return kron_linear(x, u, v, s, w if with_base else None, b if with_base else None)
+
+    out = {}
+    if with_base:
+        out["base"] = (lambda x: F.linear(x, w, b), False)
+    out.update({"materialize": (materialize, True), "einsum": (einsum, True), "lrk": (lrk_op, True)})
+    return out
+
+
+def run_kron_case(M, N, K, terms, device, dtype, backward, with_base):
+    gen = torch.Generator().manual_seed(0)
+    factors, x, w, b, u, v, s, dy = _inputs(M, N, K, terms, device, dtype, gen)
+    m1, m2, n1, n2 = factors
+    adapter_flops = 2.0 * M * terms * (n1 * n2 * m2 + m1 * n1 * m2)
+    base_flops = 2.0 * M * N * K if with_base else 0.0
+    mult = 3.0 if backward else 1.0  # backward: about two more products of each kind
+    io_bytes = dtype.itemsize * ((M * K + M * N) * (3 if backward else 1) + (N * K if with_base else 0))  # x, y, (dy, dx), W
+    case = f"{M}x{N}x{K} ({m1}x{n1})⊗({m2}x{n2}) k{terms}" + ("" if with_base else " ad")
+    results = []
+    for name, (fn, adapter) in _contenders(factors, w, b, u, v, s, with_base).items():
+        params = [x, u, v, s] if adapter else [x]
+
+        def call(fn=fn):
+            y = fn(x)
+            if backward:
+                y.backward(dy)
+            return y
+
+        try:
+            call()  # warm up
+            ms = time_ms(call, device, grad_to_none=params)
+            mem = peak_mib(call, device)
+            note = ""
+        except Exception as exc:  # report and keep going (e.g. out of memory)
+            ms, mem, note = None, None, f"failed: {type(exc).__name__}: {str(exc)[:60]}"
+        flops = mult * ((adapter_flops if adapter else 0.0) + base_flops)
+        results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms and flops else None,
+                              gbps=io_bytes / ms / 1e6 if ms else None, peak_mib=mem, note=note))
+    base_ms = results[0].ms
+    for r in results:
+        if r.ms and base_ms:
+            r.ratio = r.ms / base_ms
+    with torch.no_grad():  # lrk's output against float64
+        y = kron_linear(x, u, v, s, w if with_base else None, b if with_base else None).double()
+        y_ref = x.double() @ kron_dense(u.double(), v.double(), s.double()).t()
+        if with_base:
+            y_ref += x.double() @ w.double().t() + b.double()
+        err = ((y - y_ref).norm() / y_ref.norm()).item()
+    for r in results:
+        if r.contender == "lrk":
+            r.rel_err = err
+    return results
+
+
+def run_kpsvd_case(N, K, terms, device):
+    gen = torch.Generator().manual_seed(0)
+    m1, m2, n1, n2 = choose_factorization(N, K)
+    w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(device)
+    R = w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+    s_all = torch.linalg.svdvals(R.double())
+    optimum = s_all[terms:].square().sum().sqrt().item()
+    case = f"{N}x{K} ({m1}x{n1})⊗({m2}x{n2}) k{terms}"
+
+    def err_of(sigma, u, v):
+        approx = kron_dense(u.double(), v.double(), sigma.double())
+        return ((w.double() - approx).norm().item() - optimum) / optimum
+
+    def svd():
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        return S[:terms], U[:, :terms].t().reshape(terms, m1, n1), Vh[:terms].reshape(terms, m2, n2)
+
+    def svd_lowrank():
+        U, S, V = torch.svd_lowrank(R, q=terms + 20, niter=8)
+        return S[:terms], U[:, :terms].t().reshape(terms, m1, n1), V[:, :terms].t().reshape(terms, m2, n2)
+
+    contenders = {
+        "svd": svd,
+        "svd_lowrank": svd_lowrank,
+        "lrk exact": lambda: tuple(lrk.kron_ops.kpsvd(w, (m1, m2, n1, n2), terms, method="exact")),
+        "lrk randomized": lambda: tuple(lrk.kron_ops.kpsvd(w, (m1, m2, n1, n2), terms, method="randomized")),
+    }
+    results = []
+    for name, fn in contenders.items():
+        try:
+            out = fn()
+            ms = time_ms(fn, device, warmup_ms=5, rep_ms=50)
+            results.append(Result(case=case, contender=name, ms=ms, rel_err=err_of(*out)))
+        except Exception as exc:
+            results.append(Result(case=case, contender=name, ms=None, note=f"failed: {type(exc).__name__}"))
+    base_ms = results[0].ms
+    for r in results:
+        if r.ms and base_ms:
+            r.ratio = r.ms / base_ms
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--quick", action="store_true", help="first case of each table only")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    kp_cases = GPU_KPSVD if device.type == "cuda" else CPU_KPSVD
+    if args.quick:
+        cases, kp_cases = cases[:1], kp_cases[:1]
+    tables = []
+    for backward in (False, True):
+        for with_base in (False, True):
+            res = []
+            for M, N, K, terms in cases:
+                res += run_kron_case(M, N, K, terms, device, dtype, backward, with_base)
+            what = ("forward+backward" if backward else "forward") + (", with base" if with_base else ", adapter only")
+            tables.append((f"kron_linear {what}, {dtype}, {device.type}", res))
+    res = []
+    for N, K, terms in kp_cases:
+        res += run_kpsvd_case(N, K, terms, device)
+    tables.append((f"kpsvd, float32, {device.type} (rel err = excess over the exact optimum)", res))
+    everything = []
+    for title, res in tables:
+        print_table(title, res)
+        everything += res
+    if args.json:
+        write_json(args.json, "kron_linear and kpsvd", environment(device), everything)
+    return everything
+
+
+if __name__ == "__main__":
+    main()

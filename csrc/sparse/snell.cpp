@@ -81,29 +81,37 @@ SnellParams make_params(c10::string_view kernel, double sparsity, int64_t block_
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ||a_i - b_j||^2 for all pairs, through one GEMM (clamped: rounding can go below 0).
-at::Tensor sq_distances(const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor a2 = a.square().sum(1, true);  // [N, 1]
+// inplace: reuse buffers (the explicit-autograd ops); else out-of-place ops that
+// autograd can differentiate (snell_delta).
+at::Tensor sq_distances(const at::Tensor& a, const at::Tensor& b, bool inplace) {
+  const at::Tensor a2 = a.square().sum(1, true);         // [N, 1]
   const at::Tensor b2 = b.square().sum(1).unsqueeze(0);  // [1, K]
-  return at::addmm(a2, a, b.t(), 1.0, -2.0).add_(b2).clamp_min_(0.0);
+  at::Tensor d = at::addmm(a2, a, b.t(), 1.0, -2.0);
+  return inplace ? d.add_(b2).clamp_min_(0.0) : (d + b2).clamp_min(0.0);
 }
 
 // Kmat [N, K] in float32 (float64 for float64 factors).
-at::Tensor kernel_matrix(const at::Tensor& lora_a, const at::Tensor& lora_b, const SnellParams& p) {
+at::Tensor kernel_matrix(const at::Tensor& lora_a, const at::Tensor& lora_b, const SnellParams& p,
+                         bool inplace = true) {
   const auto acc = acc_dtype(lora_a);
   const at::Tensor a = lora_a.to(acc), b = lora_b.to(acc);
   switch (p.kind) {
     case KernelKind::Linear:
-      return at::mm(a, b.t()).mul_(p.scale);
+      return at::mm(a, b.t()).mul(p.scale);
     case KernelKind::PiecewiseLinear: {
       const int64_t H = static_cast<int64_t>(p.coeffs.size()), dh = a.size(1) / H;
-      at::Tensor out = at::zeros({a.size(0), b.size(0)}, a.options());
+      at::Tensor out;
       for (int64_t h = 0; h < H; ++h) {
-        out.add_(sq_distances(a.narrow(1, h * dh, dh), b.narrow(1, h * dh, dh)).sqrt_(), p.coeffs[h] * p.scale);
+        const at::Tensor d2 = sq_distances(a.narrow(1, h * dh, dh), b.narrow(1, h * dh, dh), inplace);
+        const at::Tensor term = (inplace ? d2.sqrt_() : d2.sqrt()).mul(p.coeffs[h] * p.scale);
+        out = h == 0 ? term : (inplace ? out.add_(term) : out + term);
       }
       return out;
     }
-    case KernelKind::Rbf:
-      return sq_distances(a, b).mul_(-p.gamma).exp_().mul_(p.scale);
+    case KernelKind::Rbf: {
+      const at::Tensor d2 = sq_distances(a, b, inplace);
+      return inplace ? d2.mul_(-p.gamma).exp_().mul_(p.scale) : d2.mul(-p.gamma).exp().mul(p.scale);
+    }
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -231,8 +239,9 @@ at::Tensor snell_delta(const at::Tensor& lora_a, const at::Tensor& lora_b, c10::
                        int64_t block_size, at::ArrayRef<double> head_coeffs, double gamma, double scale) {
   const SnellParams p = make_params(kernel, sparsity, block_size, head_coeffs, gamma, scale);
   check_factors(lora_a, lora_b, p, kernel);
-  at::Tensor kmat = kernel_matrix(lora_a, lora_b, p);
-  return sparsify_(kmat, competition_mask(kmat, p), p);
+  const at::Tensor kmat = kernel_matrix(lora_a, lora_b, p, /*inplace=*/false);
+  const at::Tensor mask = competition_mask(kmat.detach(), p);
+  return kmat * (p.block_size == 0 ? mask : expand_block_mask(mask, p.block_size, kmat.size(0), kmat.size(1)));
 }
 
 // W + Delta in weight's dtype (one rounding); consumes kmat.
@@ -302,8 +311,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> snell_linear_bwd(
 
 }  // namespace
 
+// snell_delta decomposes into differentiable ATen ops (the mask is a constant), so
+// autograd and torch.compile trace through it.
+TORCH_LIBRARY_IMPL(lrk, CompositeImplicitAutograd, m) { m.impl("snell_delta", &snell_delta); }
+
 TORCH_LIBRARY_IMPL(lrk, CompositeExplicitAutograd, m) {
-  m.impl("snell_delta", &snell_delta);
   m.impl("snell_linear", &snell_linear);
   m.impl("snell_linear_bwd", &snell_linear_bwd);
 }

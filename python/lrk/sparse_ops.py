@@ -221,11 +221,6 @@ def sparse_grad_linear_csr(x: Tensor, weight: Tensor, bias: Optional[Tensor], va
 # ----------------------------------------------------------------------------- SNELL
 
 
-@torch.library.register_fake("lrk::snell_delta")
-def _snell_delta_fake(lora_a, lora_b, kernel, sparsity, block_size=0, head_coeffs=(), gamma=1.0, scale=1.0):
-    return lora_a.new_empty((lora_a.shape[0], lora_b.shape[0]), dtype=_acc_dtype(lora_a.dtype))
-
-
 @torch.library.register_fake("lrk::snell_linear")
 def _snell_linear_fake(x, weight, bias, lora_a, lora_b, kernel, sparsity, block_size=0, head_coeffs=(), gamma=1.0,
                        scale=1.0):
@@ -287,6 +282,7 @@ def snell_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tens
 def snell_delta(lora_a: Tensor, lora_b: Tensor, kernel: str = "piecewise_linear", sparsity: float = 0.9,
                 block_size: int = 0, head_coeffs: Sequence[float] = (), gamma: float = 1.0,
                 scale: float = 1.0) -> Tensor:
-    """SNELL's sparse delta ``[N, K]`` (dense storage, float32; float64 for float64 factors)."""
+    """SNELL's sparse delta ``[N, K]`` (dense storage, float32; float64 for float64 factors),
+    differentiable in lora_a and lora_b (the dense path; :func:`snell_linear` avoids it)."""
     return torch.ops.lrk.snell_delta(lora_a, lora_b, kernel, float(sparsity), int(block_size),
                                      [float(c) for c in head_coeffs], float(gamma), float(scale))

@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft} . scripts/setup_env.sh
 mkdir -p bench_out
 python -m benchmarks.bench_lora --json bench_out/bench_lora.json "$@"
+python -m benchmarks.bench_sparse --json bench_out/bench_sparse.json "$@"

@@ -57,5 +57,6 @@ log "tests done in $(( $(date +%s) - t0 )) s"
 if [ "${LRK_GPU_CHECK_BENCH:-1}" = "1" ]; then
   log "benchmarks"
   $PY -m benchmarks.bench_lora ${LRK_BENCH_ARGS:-} --json "$OUT/bench_lora.json" 2>&1 | grep -v Warning | tee "$OUT/bench_lora.txt"
+  $PY -m benchmarks.bench_sparse ${LRK_BENCH_ARGS:-} --json "$OUT/bench_sparse.json" 2>&1 | grep -v Warning | tee "$OUT/bench_sparse.txt"
 fi
 log "done"

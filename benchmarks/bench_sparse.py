@@ -26,7 +26,6 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 
 import lrk
 import lrk.sparse_ops as sp

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import lrk
-import lrk.nn.sara as sara
 import lrk.sparse_ops as sp
 from lrk import reference_sparse as ref
 from lrk.nn.sara import SaRALinear, apply_delta, apply_sara, attach_sara, merge_sara

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Sets up a local venv (scripts/setup_env.sh, with PEFT as a contender), builds lrk
-# and prints the benchmark table on whatever device is there (GPU if present);
-# JSON goes to bench_out/.
+# and prints the benchmark tables on whatever device is there (GPU if present);
+# JSON goes to bench_out/. LRK_BENCHES picks the benchmarks (default: fused LoRA
+# and the sparse SDDMM; "all" runs every benchmarks/bench_*.py). Extra arguments go
+# to each benchmark (e.g. --quick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft} . scripts/setup_env.sh
 mkdir -p bench_out
-python -m benchmarks.bench_lora --json bench_out/bench_lora.json "$@"
+benches=${LRK_BENCHES:-bench_lora bench_sparse}
+if [ "$benches" = "all" ]; then
+  benches=$(cd benchmarks && ls bench_*.py | sed 's/\.py$//')
+fi
+for b in $benches; do
+  python -m "benchmarks.$b" --json "bench_out/$b.json" "$@"
+done

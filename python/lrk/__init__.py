@@ -8,8 +8,8 @@ from . import _loader
 _loader.load()
 
 from . import ops, reference  # noqa: E402  (registers fakes and autograd)
-from . import galore_ops, kron_ops, kron_select, multi_lora_ops  # noqa: E402
-from . import reference_galore, reference_kron, reference_multi_lora  # noqa: E402
+from . import galore_ops, kron_ops, kron_select, multi_lora_ops, sparse_ops  # noqa: E402
+from . import reference_galore, reference_kron, reference_multi_lora, reference_sparse  # noqa: E402
 from . import nn, optim  # noqa: E402
 from ._loader import has_cuda_kernels  # noqa: E402
 from .multi_lora_ops import (  # noqa: E402
@@ -22,12 +22,25 @@ from .multi_lora_ops import (  # noqa: E402
 from .ops import dora_fused, dora_weight_norm, lora_fused, philox_dropout  # noqa: E402
 from .kron_ops import KronFactors, kpsvd, kron_dense, kron_linear  # noqa: E402
 from .optim import GaLoreAdamW  # noqa: E402
+from .sparse_ops import (  # noqa: E402
+    abs_kth_value,
+    abs_topk_mask,
+    block_scores,
+    sddmm_block,
+    sddmm_csr,
+    snell_delta,
+    snell_linear,
+    sparse_grad_linear_block,
+    sparse_grad_linear_csr,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "lora_fused", "dora_fused", "dora_weight_norm", "philox_dropout",
     "multi_lora_shrink", "multi_lora_shrink_segments", "multi_lora_expand_", "multi_lora_expand_segments_",
     "add_multi_lora_", "GaLoreAdamW", "kron_linear", "kron_dense", "kpsvd", "KronFactors",
-    "ops", "multi_lora_ops", "galore_ops", "kron_ops", "kron_select", "reference", "reference_multi_lora",
-    "reference_galore", "reference_kron", "nn", "optim", "has_cuda_kernels", "__version__",
+    "sddmm_block", "sddmm_csr", "abs_kth_value", "abs_topk_mask", "block_scores", "sparse_grad_linear_block",
+    "sparse_grad_linear_csr", "snell_linear", "snell_delta",
+    "ops", "multi_lora_ops", "galore_ops", "kron_ops", "kron_select", "sparse_ops", "reference", "reference_multi_lora",
+    "reference_galore", "reference_kron", "reference_sparse", "nn", "optim", "has_cuda_kernels", "__version__",
 ]

@@ -2,9 +2,13 @@
 from .kron import KronLinear, apply_kron, prune_kron
 from .lora import LoRALinear, apply_lora
 from .multi_lora import MultiLoRABatch, MultiLoRALinear, MultiLoRAManager, apply_multi_lora
+from .sara import SaRALinear, apply_delta, apply_sara, attach_sara, merge_sara, sara_layers
+from .snell import SNELLLinear, apply_snell, merge_snell
 
 __all__ = [
     "LoRALinear", "apply_lora",
     "MultiLoRALinear", "MultiLoRABatch", "MultiLoRAManager", "apply_multi_lora",
     "KronLinear", "apply_kron", "prune_kron",
+    "SaRALinear", "apply_sara", "attach_sara", "merge_sara", "apply_delta", "sara_layers",
+    "SNELLLinear", "apply_snell", "merge_snell",
 ]

@@ -1,0 +1,215 @@
+"""Sparse updates (ops.md section 4): the masked-gradient SDDMM and the SaRA / SNELL
+layers against what users run today, timed in one run on the same inputs.
+
+SDDMM, dDelta[mask] = (dy^T @ x)[mask], dy [M, N], x [M, K]:
+  dense+gather     dy^T @ x (the dense [N, K] gradient), then gather the kept entries
+  sampled_addmm    torch.sparse.sampled_addmm on the same pattern as CSR
+  lrk_block        torch.ops.lrk.sddmm_block   (block masks)
+  lrk_csr          torch.ops.lrk.sddmm_csr     (the same entries as CSR / unstructured masks)
+GB/s counts the bytes a kernel must move at least: the dy and x panels that the kept
+entries touch, read once, and the output written once; TFLOP/s counts 2*M flops per
+kept entry.
+
+Layers, forward + backward (x requires grad, W frozen) of one N x K linear layer:
+  full             nn.Linear with W trainable (dense gradient)
+  lora             torch.ops.lrk.lora_fused, r = 16
+  sara / sara_b64  lrk.nn.SaRALinear, 1% of the entries, unstructured / 64x64 blocks
+  snell / snell_b64 lrk.nn.SNELLLinear, r = 16, piecewise-linear kernel, 90% sparsity
+with the trainable state each leaves behind: gradient MiB and AdamW state MiB after
+one optimizer step (measured from the tensors), and peak memory on CUDA.
+
+    python -m benchmarks.bench_sparse [--device cuda] [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import lrk
+import lrk.sparse_ops as sp
+from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
+from lrk.nn.sara import SaRALinear
+from lrk.nn.snell import SNELLLinear
+
+GPU_SDDMM = [  # (M, N, K, block size or 0 for unstructured, density)
+    (8192, 4096, 4096, 64, 0.01), (8192, 4096, 4096, 64, 0.10), (8192, 4096, 4096, 64, 0.30),
+    (8192, 4096, 4096, 32, 0.10), (8192, 4096, 4096, 128, 0.10), (32768, 4096, 4096, 64, 0.10),
+    (8192, 4096, 4096, 0, 0.01), (8192, 4096, 4096, 0, 0.10),
+]
+CPU_SDDMM = [(1024, 512, 512, 64, 0.01), (1024, 512, 512, 64, 0.10), (1024, 512, 512, 64, 0.30),
+             (1024, 512, 512, 16, 0.10), (1024, 512, 512, 0, 0.01), (1024, 512, 512, 0, 0.10)]
+GPU_LAYERS = [(8192, 4096, 4096)]
+CPU_LAYERS = [(512, 512, 512)]
+
+
+def _pattern(n, k, b, density, gen, device):
+    """Kept entries as (block indices or None, element mask [N, K])."""
+    if b:
+        nbr, nbc = math.ceil(n / b), math.ceil(k / b)
+        scores = torch.rand(nbr, nbc, generator=gen)
+        idx = sp.topk_block_indices(scores, sp.keep_count(nbr * nbc, density)).to(device)
+        bm = torch.zeros(nbr, nbc, dtype=torch.bool)
+        bm[idx[:, 0].cpu(), idx[:, 1].cpu()] = True
+        mask = bm.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+        return idx, mask.to(device)
+    return None, (torch.rand(n, k, generator=gen) < density).to(device)
+
+
+def run_sddmm(M, N, K, b, density, device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
+    idx, mask = _pattern(N, K, b, density, gen, device)
+    crow, col = sp.mask_to_csr(mask)
+    rows = torch.repeat_interleave(torch.arange(N, device=device), crow.diff())
+    nnz = col.numel()
+    case = f"{M}x{N}x{K} {'b' + str(b) if b else 'unstr'} {density:.0%}"
+    rows_touched = int(mask.any(1).sum())
+    cols_touched = int(mask.any(0).sum())
+    nbytes = dtype.itemsize * M * (rows_touched + cols_touched) + 4 * (idx.shape[0] * b * b if b else nnz)
+    flops = 2.0 * M * nnz
+
+    def dense_gather():
+        d = dy.t() @ x
+        return d[rows, col]
+
+    csr_pattern = torch.sparse_csr_tensor(crow, col, torch.ones(nnz, device=device, dtype=dtype), (N, K))
+
+    def sampled():
+        return torch.sparse.sampled_addmm(csr_pattern, dy.t(), x, beta=0.0).values()
+
+    contenders = {"dense+gather": dense_gather, "sampled_addmm": sampled}
+    if b:
+        contenders["lrk_block"] = lambda: sp.sddmm_block(dy, x, idx, b)
+    contenders["lrk_csr"] = lambda: sp.sddmm_csr(dy, x, crow, col)
+
+    with torch.no_grad():
+        want = (dy.float().t() @ x.float())[rows, col]
+    results = []
+    for name, fn in contenders.items():
+        note, err = "", None
+        try:
+            out = fn()
+            if name == "lrk_block":  # block values -> the kept entries in row-major order
+                vals = out
+                br, bc = rows // b, col // b
+                pos = torch.searchsorted(idx[:, 0] * (10**9) + idx[:, 1], br * (10**9) + bc)
+                out = vals[pos, rows - br * b, col - bc * b]
+            err = ((out.float() - want).norm() / want.norm()).item()
+            ms = time_ms(fn, device)
+        except Exception as exc:  # report, keep going
+            ms, note = None, f"failed: {type(exc).__name__}: {str(exc)[:70]}"
+        results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
+                              gbps=nbytes / ms / 1e6 if ms else None, rel_err=err, note=note))
+    base = results[0].ms
+    for r in results:
+        if r.ms and base:
+            r.ratio = r.ms / base
+    return results
+
+
+def _state_mib(params, opt):
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    return grads / 2**20, state / 2**20
+
+
+def run_layers(M, N, K, device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
+    case = f"{M}x{K}x{N}"
+    results = []
+
+    def fresh_linear():
+        lin = torch.nn.Linear(K, N, device=device, dtype=dtype)
+        return lin
+
+    r = 16
+    full = fresh_linear()
+    lora_a = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(device=device, dtype=dtype).requires_grad_()
+    lora_b = torch.zeros(N, r, device=device, dtype=dtype, requires_grad=True)
+    lora_base = fresh_linear().requires_grad_(False)
+    layers = {
+        "full": (full, list(full.parameters())),
+        "lora": (lambda t: lrk.lora_fused(t, lora_base.weight, lora_base.bias, lora_a, lora_b, 2.0),
+                 [lora_a, lora_b]),
+    }
+    for name, kw in (("sara", dict(fraction=0.01)), ("sara_b64", dict(fraction=0.01, block_size=64))):
+        layer = SaRALinear(fresh_linear().requires_grad_(False), **kw)
+        layers[name] = (layer, [layer.delta])
+    for name, kw in (("snell", dict()), ("snell_b64", dict(block_size=64))):
+        layer = SNELLLinear(fresh_linear().requires_grad_(False), rank=r, sparsity=0.9, **kw)
+        layers[name] = (layer, [layer.lora_a, layer.lora_b])
+
+    for name, (fn, params) in layers.items():
+        def fwd_bwd(fn=fn):
+            fn(x).backward(dy)
+        note = ""
+        try:
+            fwd_bwd()
+            ms = time_ms(fwd_bwd, device, grad_to_none=[x] + params)
+            mem = peak_mib(fwd_bwd, device)
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            for p in params:
+                p.grad = None
+            fwd_bwd()
+            opt.step()
+            grad_mib, state_mib = _state_mib(params, opt)
+            trained = sum(p.numel() for p in params)
+        except Exception as exc:
+            ms = mem = grad_mib = state_mib = trained = None
+            note = f"failed: {type(exc).__name__}: {str(exc)[:70]}"
+        results.append(Result(case=case, contender=name, ms=ms, peak_mib=mem, note=note,
+                              extra=dict(grad_MiB=grad_mib, adamw_state_MiB=state_mib, trained_params=trained)))
+    base = results[0].ms
+    for res in results:
+        if res.ms and base:
+            res.ratio = res.ms / base
+    return results
+
+
+def print_state_table(results):
+    print(f"\n{'case':<22} {'layer':<12} {'trained':>12} {'grad MiB':>10} {'AdamW MiB':>10}")
+    for r in results:
+        e = r.extra
+        if e.get("trained_params") is None:
+            continue
+        print(f"{r.case:<22} {r.contender:<12} {e['trained_params']:>12} {e['grad_MiB']:>10.2f} "
+              f"{e['adamw_state_MiB']:>10.2f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--quick", action="store_true", help="first two SDDMM cases and the layers")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sddmm_cases = GPU_SDDMM if device.type == "cuda" else CPU_SDDMM
+    layer_cases = GPU_LAYERS if device.type == "cuda" else CPU_LAYERS
+    if args.quick:
+        sddmm_cases = sddmm_cases[:2]
+    sddmm = []
+    for case in sddmm_cases:
+        sddmm += run_sddmm(*case, device, dtype)
+    title = f"masked-gradient SDDMM, {dtype}, {device.type}"
+    print_table(title, sddmm)
+    layer_results = []
+    for case in layer_cases:
+        layer_results += run_layers(*case, device, dtype)
+    title2 = f"sparse-update layers, forward+backward, {dtype}, {device.type}"
+    print_table(title2, layer_results)
+    print_state_table(layer_results)
+    if args.json:
+        write_json(args.json, title + " / " + title2, environment(device), sddmm + layer_results)
+    return sddmm + layer_results
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,6 @@ memory    optimizer-state bytes per parameter, summed over the real state tensor
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -31,7 +30,7 @@ import torch
 import lrk
 import lrk.galore_ops as go
 import lrk.reference_galore as ref
-from benchmarks.harness import Result, environment, print_table, time_ms, write_json
+from benchmarks.harness import Result, environment, parse_bench_args, print_table, time_ms, write_json
 from lrk.optim import GaLoreAdamW
 
 GPU_CASES = [(4096, 4096, 128), (4096, 11008, 128), (4096, 4096, 512), (4096, 11008, 512)]
@@ -221,12 +220,7 @@ def memory_table(m, n, rank, device, methods):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--quick", action="store_true", help="first case only")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    args, device, _ = parse_bench_args(__doc__, argv, quick_help="first case only", with_dtype=False)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs unless a row says TF32
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES
     if args.quick:

@@ -19,7 +19,6 @@ kpsvd contenders on W [N, K] (float32), `terms` terms:
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -29,7 +28,7 @@ import lrk
 import lrk.kron_ops  # noqa: F401
 from lrk.kron_ops import kron_dense, kron_linear
 from lrk.kron_select import choose_factorization
-from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
+from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, set_ratios, time_ms, write_json
 
 GPU_CASES = [  # (M, N, K, terms)
     (8192, 4096, 4096, 4),
@@ -110,10 +109,7 @@ def run_kron_case(M, N, K, terms, device, dtype, backward, with_base):
         flops = mult * ((adapter_flops if adapter else 0.0) + base_flops)
         results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms and flops else None,
                               gbps=io_bytes / ms / 1e6 if ms else None, peak_mib=mem, note=note))
-    base_ms = results[0].ms
-    for r in results:
-        if r.ms and base_ms:
-            r.ratio = r.ms / base_ms
+    set_ratios(results)
     with torch.no_grad():  # lrk's output against float64
         y = kron_linear(x, u, v, s, w if with_base else None, b if with_base else None).double()
         y_ref = x.double() @ kron_dense(u.double(), v.double(), s.double()).t()
@@ -161,22 +157,12 @@ def run_kpsvd_case(N, K, terms, device):
             results.append(Result(case=case, contender=name, ms=ms, rel_err=err_of(*out)))
         except Exception as exc:
             results.append(Result(case=case, contender=name, ms=None, note=f"failed: {type(exc).__name__}"))
-    base_ms = results[0].ms
-    for r in results:
-        if r.ms and base_ms:
-            r.ratio = r.ms / base_ms
+    set_ratios(results)
     return results
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
-    ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--quick", action="store_true", help="first case of each table only")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case of each table only")
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES
     kp_cases = GPU_KPSVD if device.type == "cuda" else CPU_KPSVD
     if args.quick:

@@ -15,14 +15,13 @@ adapter: g = m / ||W + s B A|| (detached) scales the adapted output.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 import torch.nn.functional as F
 
 import lrk
-from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
+from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, set_ratios, time_ms, write_json
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.0, False),
@@ -124,10 +123,7 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
                               peak_mib=mem, note=note))
     if peft_layer is None:
         results.append(Result(case=case, contender="peft", ms=None, note="peft not installed"))
-    base_ms = results[0].ms
-    for res in results:
-        if res.ms and base_ms:
-            res.ratio = res.ms / base_ms
+    set_ratios(results)
     if check:
         _check_against_reference(results, x, w, bias, a, b, m if use_dora else None, scale)
     return results
@@ -150,14 +146,7 @@ def _check_against_reference(results, x, w, bias, a, b, m, scale):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
-    ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--quick", action="store_true", help="first case only")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only")
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES
     if args.quick:
         cases = cases[:1]

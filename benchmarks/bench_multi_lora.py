@@ -16,7 +16,6 @@ launched from Python. Prefill and CPU cases run eagerly.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk.multi_lora_ops as mlo
-from benchmarks.harness import Result, environment, print_table, time_ms, write_json
+from benchmarks.harness import Result, environment, parse_bench_args, print_table, time_ms, write_json
 
 
 @dataclass
@@ -206,14 +205,7 @@ def run_case(case: Case, device, dtype):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
-    ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--quick", action="store_true", help="first case only")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only")
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES
     if args.quick:
         cases = cases[:1]

@@ -22,14 +22,13 @@ one optimizer step (measured from the tensors), and peak memory on CUDA.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 import lrk
 import lrk.sparse_ops as sp
-from benchmarks.harness import Result, environment, peak_mib, print_table, time_ms, write_json
+from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, time_ms, write_json
 from lrk.nn.sara import SaRALinear
 from lrk.nn.snell import SNELLLinear
 
@@ -183,14 +182,7 @@ def print_state_table(results):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
-    ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--quick", action="store_true", help="first two SDDMM cases and the layers")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first two SDDMM cases and the layers")
     sddmm_cases = GPU_SDDMM if device.type == "cuda" else CPU_SDDMM
     layer_cases = GPU_LAYERS if device.type == "cuda" else CPU_LAYERS
     if args.quick:

@@ -7,6 +7,7 @@ torch.utils.benchmark. Peak memory is measured on CUDA only.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -116,3 +117,27 @@ def write_json(path: str, title: str, env: dict, results: list[Result]) -> None:
     with open(path, "w") as f:
         json.dump({"benchmark": title, "env": env, "results": [asdict(r) for r in results]}, f, indent=1)
     print(f"\nwrote {path}")
+
+
+def parse_bench_args(doc: str, argv=None, quick_help: str = "first case only", with_dtype: bool = True):
+    """The command line every benchmark shares: --device, --dtype, --json, --quick.
+    Returns (args, device, dtype); dtype defaults to bfloat16 on CUDA, float32 on the CPU."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if with_dtype:
+        ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    name = getattr(args, "dtype", None)
+    dtype = getattr(torch, name) if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return args, device, dtype
+
+
+def set_ratios(results: list[Result]) -> None:
+    """ratio = ms / the first result's ms (the baseline, timed in the same run)."""
+    base_ms = results[0].ms if results else None
+    for r in results:
+        if r.ms and base_ms:
+            r.ratio = r.ms / base_ms

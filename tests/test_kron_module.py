@@ -292,5 +292,5 @@ def test_apply_and_prune_on_a_model():
     torch.testing.assert_close(model(x), y)  # the pruned part went into the base weights
     with pytest.raises(ValueError, match="no module of Sequential matches"):
         lrk.nn.kron.apply_kron(model, ["q_proj"], terms=2)
-    with pytest.raises(ValueError, match="'1' is a ReLU, expected an nn.Linear"):
+    with pytest.raises(ValueError, match="'1' matches but is a ReLU, only nn.Linear can be adapted"):
         lrk.nn.kron.apply_kron(model, ["1"], terms=2)

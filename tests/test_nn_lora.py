@@ -309,7 +309,7 @@ def test_apply_lora_errors():
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(_Model(), [], r=R)
     model = apply_lora(_Model(), ["q_proj"], r=R)
-    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+    with pytest.raises(ValueError, match="already has a LoRALinear adapter"):
         apply_lora(model, ["q_proj"], r=R)
     with pytest.raises(ValueError, match="r: rank 40"):  # bad LoRALinear arguments surface too
         apply_lora(_Model(), ["k_proj"], r=40)

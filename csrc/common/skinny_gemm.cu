@@ -8,6 +8,7 @@
 #include <mma.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "common/skinny_gemm.h"
 
 namespace lrk {
@@ -237,35 +238,6 @@ void check_skinny_args(const at::Tensor& a, const char* a_name, const at::Tensor
               "skinny gemm: contiguous operands and a float32 output expected");
 }
 
-template <typename F>
-void with_rank_tile(int64_t R, F&& f) {
-  if (R <= 16) {
-    f(std::integral_constant<int, 16>{});
-  } else if (R <= 32) {
-    f(std::integral_constant<int, 32>{});
-  } else {
-    f(std::integral_constant<int, 64>{});
-  }
-}
-
-template <typename F>
-void with_vec(bool vec, F&& f) {
-  if (vec) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-template <typename F>
-void with_half_type(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) {
-    f(__nv_bfloat16{});
-  } else {
-    f(__half{});
-  }
-}
-
 }  // namespace
 
 void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tensor& out, double alpha,
@@ -277,11 +249,11 @@ void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tenso
   const c10::cuda::CUDAGuard guard(X.device());
   const bool vec = K % 8 == 0 && cuda::aligned16(X.const_data_ptr()) && cuda::aligned16(Bop.const_data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_half_type(X.scalar_type(), [&](auto tag) {
+  cuda::with_half_type(X.scalar_type(), "skinny gemm", [&](auto tag) {
     using T = decltype(tag);
-    with_rank_tile(R, [&](auto br) {
+    cuda::with_rank_tile(R, [&](auto br) {
       constexpr int BR = decltype(br)::value;
-      with_vec(vec, [&](auto v) {
+      cuda::with_bool(vec, [&](auto v) {
         const int64_t gx = cuda::ceil_div(M, 64), gz = cuda::ceil_div(R, BR);
         const int64_t chunk = reduction_chunk(K, 32, gx * gz);
         const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(cuda::ceil_div(K, chunk)),
@@ -304,11 +276,11 @@ void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor&
   const c10::cuda::CUDAGuard guard(X.device());
   const bool vec = K % 8 == 0 && cuda::aligned16(X.const_data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_half_type(X.scalar_type(), [&](auto tag) {
+  cuda::with_half_type(X.scalar_type(), "skinny gemm", [&](auto tag) {
     using T = decltype(tag);
-    with_rank_tile(R, [&](auto br) {
+    cuda::with_rank_tile(R, [&](auto br) {
       constexpr int BR = decltype(br)::value;
-      with_vec(vec, [&](auto v) {
+      cuda::with_bool(vec, [&](auto v) {
         const int64_t gx = cuda::ceil_div(K, 128), gy = cuda::ceil_div(R, BR);
         const int64_t chunk = reduction_chunk(M, 32, gx * gy);
         const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),

@@ -18,6 +18,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "kron/kron_fused.h"
+#include "common/dispatch.cuh"
 
 namespace lrk {
 namespace {
@@ -212,15 +213,6 @@ bool shapes_fit(const KronDims& d) {
   return (d.m1 / 16) * (d.m2 / 16) <= kMaxFrags && (d.n1 / 16) * (d.m2 / 16) <= kMaxFrags;
 }
 
-template <typename F>
-void with_half_type(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) {
-    f(__nv_bfloat16{});
-  } else {
-    f(__half{});
-  }
-}
-
 }  // namespace
 
 bool kron_fused_supported(const at::Tensor& x2, const KronDims& d) {
@@ -241,7 +233,7 @@ void kron_fused_forward_cuda(const at::Tensor& x2, const at::Tensor& u, const at
   const at::Tensor b = has_tensor(bias) ? bias->contiguous() : at::Tensor();
   const FusedLayout L = fused_layout(d, 2);
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_half_type(x2.scalar_type(), [&](auto tag) {
+  cuda::with_half_type(x2.scalar_type(), "kron_linear fused", [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_fused_fwd_kernel<T>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "multi_lora/multi_lora_cuda.cuh"
+#include "common/dispatch.cuh"
 
 namespace lrk::multi_lora {
 namespace {
@@ -110,26 +111,6 @@ __global__ void __launch_bounds__(kExpandThreads)
   *yp = from_acc<T>(to_acc(*yp) + sum);
 }
 
-template <typename F>
-void with_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "multi_lora: unsupported dtype ", t);
-  }
-}
-
-template <typename F>
-void with_vec(bool vec, F&& f) {
-  if (vec) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 unsigned grid_dim(int64_t v, int64_t limit, const char* what) {
   TORCH_CHECK(v <= limit, "multi_lora: ", what, " (", v, ") exceeds the CUDA grid limit ", limit);
   return static_cast<unsigned>(v);
@@ -140,7 +121,7 @@ unsigned grid_dim(int64_t v, int64_t limit, const char* what) {
 void launch_shrink_rows(const ShrinkLaunch& p, at::ScalarType dtype) {
   if (p.M == 0 || p.num_slices == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_dtype(dtype, [&](auto tag) {
+  cuda::with_float_type(dtype, "multi_lora", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = 16 / sizeof(T);
     SlicePack<T> pack{};
@@ -151,7 +132,7 @@ void launch_shrink_rows(const ShrinkLaunch& p, at::ScalarType dtype) {
     }
     const dim3 grid(grid_dim(p.M, 0x7fffffff, "tokens"), static_cast<unsigned>(p.num_slices),
                     grid_dim(cuda::ceil_div(p.index.r_max, kShrinkWarps), 65535, "r_max / 8"));
-    with_vec(vec, [&](auto v) {
+    cuda::with_bool(vec, [&](auto v) {
       shrink_rows_kernel<T, decltype(v)::value><<<grid, kShrinkWarps * 32, 0, stream>>>(
           static_cast<const T*>(p.x), pack, static_cast<acc_t<T>*>(p.h), p.M, p.K, p.index);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -165,7 +146,7 @@ void launch_expand_rows(const ExpandLaunch& p, at::ScalarType dtype) {
   for (int s = 0; s < p.num_slices; ++s) n_max = std::max(n_max, p.n_out[s]);
   if (n_max == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_dtype(dtype, [&](auto tag) {
+  cuda::with_float_type(dtype, "multi_lora", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = 16 / sizeof(T);
     SlicePack<T> pack{};
@@ -180,7 +161,7 @@ void launch_expand_rows(const ExpandLaunch& p, at::ScalarType dtype) {
     const size_t smem = static_cast<size_t>(r_pad) * sizeof(acc_t<T>);  // <= 32 KiB for r_max <= 4096
     const dim3 grid(grid_dim(p.M, 0x7fffffff, "tokens"), static_cast<unsigned>(p.num_slices),
                     grid_dim(cuda::ceil_div(n_max, kExpandThreads), 65535, "out_features / 128"));
-    with_vec(vec, [&](auto v) {
+    cuda::with_bool(vec, [&](auto v) {
       expand_rows_kernel<T, decltype(v)::value><<<grid, kExpandThreads, smem, stream>>>(
           static_cast<T*>(p.y), p.ld_y, static_cast<const acc_t<T>*>(p.h), pack, p.scales, p.M, p.index);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

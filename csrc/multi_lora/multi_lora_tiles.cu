@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "multi_lora/multi_lora_cuda.cuh"
+#include "common/dispatch.cuh"
 
 namespace lrk::multi_lora {
 namespace {
@@ -209,36 +210,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename F>
-void with_half_dtype(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) {
-    f(__nv_bfloat16{});
-  } else {
-    TORCH_CHECK(t == at::kHalf, "multi_lora tiles: bfloat16 or float16 expected, got ", t);
-    f(__half{});
-  }
-}
-
-template <typename F>
-void with_vec(bool vec, F&& f) {
-  if (vec) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-template <typename F>
-void with_rank_tile(int64_t r_max, F&& f) {
-  if (r_max <= 16) {
-    f(std::integral_constant<int, 16>{});
-  } else if (r_max <= 32) {
-    f(std::integral_constant<int, 32>{});
-  } else {
-    f(std::integral_constant<int, 64>{});
-  }
-}
-
 unsigned grid_dim(int64_t v, int64_t limit, const char* what) {
   TORCH_CHECK(v <= limit, "multi_lora: ", what, " (", v, ") exceeds the CUDA grid limit ", limit);
   return static_cast<unsigned>(v);
@@ -249,7 +220,7 @@ unsigned grid_dim(int64_t v, int64_t limit, const char* what) {
 void launch_shrink_tiles(const ShrinkLaunch& p, at::ScalarType dtype) {
   if (p.M == 0 || p.K == 0 || p.num_slices == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_half_dtype(dtype, [&](auto tag) {
+  cuda::with_half_type(dtype, "multi_lora tiles", [&](auto tag) {
     using T = decltype(tag);
     SlicePack<T> pack{};
     bool vec = p.K % 8 == 0 && cuda::aligned16(p.x);
@@ -257,7 +228,7 @@ void launch_shrink_tiles(const ShrinkLaunch& p, at::ScalarType dtype) {
       pack.pool[s] = static_cast<const T*>(p.pools[s]);
       vec = vec && cuda::aligned16(p.pools[s]);
     }
-    with_rank_tile(p.index.r_max, [&](auto br) {
+    cuda::with_rank_tile(p.index.r_max, [&](auto br) {
       constexpr int BR = decltype(br)::value;
       const int64_t row_tiles = cuda::ceil_div(p.M, kRows);
       const int64_t rank_tiles = cuda::ceil_div(p.index.r_max, BR);
@@ -269,7 +240,7 @@ void launch_shrink_tiles(const ShrinkLaunch& p, at::ScalarType dtype) {
       const int64_t chunk = cuda::ceil_div(steps, splits) * 32;
       const dim3 grid(grid_dim(row_tiles, 0x7fffffff, "token tiles"),
                       grid_dim(cuda::ceil_div(p.K, chunk), 65535, "K splits"), grid_dim(gz, 65535, "slices x rank tiles"));
-      with_vec(vec, [&](auto v) {
+      cuda::with_bool(vec, [&](auto v) {
         shrink_tiles_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
             static_cast<const T*>(p.x), pack, static_cast<float*>(p.h), p.M, p.K, chunk,
             static_cast<int>(rank_tiles), p.index);
@@ -285,7 +256,7 @@ void launch_expand_tiles(const ExpandLaunch& p, at::ScalarType dtype) {
   for (int s = 0; s < p.num_slices; ++s) n_max = std::max(n_max, p.n_out[s]);
   if (n_max == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  with_half_dtype(dtype, [&](auto tag) {
+  cuda::with_half_type(dtype, "multi_lora tiles", [&](auto tag) {
     using T = decltype(tag);
     SlicePack<T> pack{};
     bool vec = p.index.r_max % 8 == 0;
@@ -298,7 +269,7 @@ void launch_expand_tiles(const ExpandLaunch& p, at::ScalarType dtype) {
     const dim3 grid(grid_dim(cuda::ceil_div(p.M, kRows), 0x7fffffff, "token tiles"),
                     grid_dim(cuda::ceil_div(n_max, 64), 65535, "out_features / 64"),
                     static_cast<unsigned>(p.num_slices));
-    with_vec(vec, [&](auto v) {
+    cuda::with_bool(vec, [&](auto v) {
       expand_tiles_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
           static_cast<T*>(p.y), p.ld_y, static_cast<const float*>(p.h), pack, p.scales, p.M, p.index);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

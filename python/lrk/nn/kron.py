@@ -8,7 +8,6 @@ Kronecker product is never formed).
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Mapping, Optional, Sequence, Union
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from ..kron_ops import kpsvd, kron_dense
 from ..kron_select import choose_factorization, elbow_rank, energy_rank
+from ._targets import BaseLayerView, check_targets, find_targets, replace_targets
 
 __all__ = ["KronLinear", "apply_kron", "prune_kron"]
 
@@ -35,7 +35,7 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class KronLinear(nn.Module):
+class KronLinear(BaseLayerView, nn.Module):
     """A frozen ``nn.Linear`` plus a Kronecker adapter of ``terms`` terms:
     ``y = base(x) + scale * sum_t kron_sigma[t] * (kron_u[t] ⊗ kron_v[t]) x``.
 
@@ -124,26 +124,6 @@ class KronLinear(nn.Module):
     @property
     def terms(self) -> int:
         return self.kron_u.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
-
-    @property
-    def merged(self) -> bool:
-        return self._merged
 
     def extra_repr(self) -> str:
         m1, m2, n1, n2 = self.factors
@@ -323,14 +303,6 @@ class KronLinear(nn.Module):
 # ---------------------------------------------------------------------------- model surgery
 
 
-def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
-    # PEFT's rule: a string is a regex matched against the whole qualified name; a list
-    # matches a name equal to an entry or ending with "." + entry.
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def apply_kron(model: nn.Module, target_modules: Union[str, Sequence[str]], terms: int, scale: float = 1.0,
                init: str = "kpsvd", factor: int = -1, kpsvd_method: str = "auto", seed: int = 0) -> nn.Module:
     """Replace every nn.Linear of ``model`` whose qualified name matches ``target_modules``
@@ -339,26 +311,15 @@ def apply_kron(model: nn.Module, target_modules: Union[str, Sequence[str]], term
     factor)``, capped at the layer's maximum number of terms), freeze every other
     parameter, and return ``model`` (changed in place). Raises ValueError when nothing
     matches or a matching module is not an nn.Linear."""
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            raise ValueError(f"target_modules: expected a regex string or a non-empty list of names, "
-                             f"got {target_modules!r}")
-    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
-    if not targets:
-        raise ValueError(f"target_modules: no module of {type(model).__name__} matches {target_modules!r}")
-    for name, module in targets:
-        if isinstance(module, KronLinear) or not isinstance(module, nn.Linear):
-            raise ValueError(f"target_modules: {name!r} is a {type(module).__name__}, expected an nn.Linear")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, module in targets:
+    targets = find_targets(model, check_targets(target_modules), strict=True, adapter_type=KronLinear)
+
+    def make(module: nn.Linear) -> KronLinear:
         m1, m2, n1, n2 = choose_factorization(module.out_features, module.in_features, factor)
         k = min(int(terms), m1 * n1, m2 * n2)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, KronLinear(module, k, factors=(m1, m2, n1, n2), scale=scale, init=init,
-                                          kpsvd_method=kpsvd_method, seed=seed))
+        return KronLinear(module, k, factors=(m1, m2, n1, n2), scale=scale, init=init,
+                          kpsvd_method=kpsvd_method, seed=seed)
+
+    replace_targets(model, targets, make)
     return model
 
 

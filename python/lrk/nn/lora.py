@@ -8,12 +8,13 @@ that weights move between the two by renaming keys only. ``adapter_forward`` and
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from ._targets import BaseLayerView, check_targets, find_targets, replace_targets
 
 __all__ = ["LoRALinear", "apply_lora", "adapter_forward", "fresh_seed"]
 
@@ -68,7 +69,7 @@ def _fused(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
                                     float(dropout_p), int(seed))
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(BaseLayerView, nn.Module):
     """``y = base(x) + s * (dropout(x) @ A^T) @ B^T`` on a frozen ``nn.Linear``;
     with ``use_dora=True``: ``y = g * (x @ W^T + s * (dropout(x) @ A^T) @ B^T) + bias``,
     ``g = lora_magnitude_vector / ||W + s * B @ A||`` (row norms, a constant in backward).
@@ -126,29 +127,6 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
-
-    # ------------------------------------------------------------------ shape and base access
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> Tensor:
-        # Code that reads `layer.weight` (dtype/device probes, tying) keeps working.
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
-
-    @property
-    def merged(self) -> bool:
-        return self._merged
 
     # ------------------------------------------------------------------ forward
 
@@ -237,14 +215,6 @@ def _check_arguments(base, r, lora_alpha, lora_dropout, init_lora_weights) -> No
 # ---------------------------------------------------------------------------- model surgery
 
 
-def _is_target(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
-    # PEFT's rule: a string is a regex that must match the whole qualified name;
-    # a list matches a name equal to an entry or ending with "." + entry.
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def apply_lora(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, lora_alpha: float = 8,
                lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                init_lora_weights: Union[bool, str] = True) -> nn.Module:
@@ -255,28 +225,8 @@ def apply_lora(model: nn.Module, target_modules: Union[str, Sequence[str]], r: i
 
     Raises ValueError when nothing matches, or when a matching module is not an nn.Linear.
     """
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            raise ValueError(f"target_modules: expected a regex string or a non-empty list of names, "
-                             f"got {target_modules!r}")
-    # Collect first, replace after: replacing while iterating named_modules would
-    # visit the new modules (and their base_layer) too.
-    targets = [(name, module) for name, module in model.named_modules() if name and _is_target(name, target_modules)]
-    if not targets:
-        raise ValueError(f"target_modules: no module of {type(model).__name__} matches {target_modules!r}")
-    for name, module in targets:
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"target_modules: {name!r} already has a LoRA adapter")
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"target_modules: {name!r} matches but is a {type(module).__name__}, "
-                             "only nn.Linear can be adapted")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                          use_rslora=use_rslora, use_dora=use_dora,
-                                          init_lora_weights=init_lora_weights))
+    targets = find_targets(model, check_targets(target_modules), strict=True, adapter_type=LoRALinear)
+    replace_targets(model, targets, lambda module: LoRALinear(
+        module, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+        init_lora_weights=init_lora_weights))
     return model

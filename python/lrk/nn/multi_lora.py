@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import multi_lora_ops as mlo
+from ._targets import matches
 
 __all__ = ["MultiLoRALinear", "MultiLoRABatch", "MultiLoRAManager", "apply_multi_lora", "read_peft_adapter",
            "peft_module_weights"]
@@ -382,13 +383,6 @@ class MultiLoRALinear(nn.Module):
 # ----------------------------------------------------------------------------- whole models
 
 
-def _is_target(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
-    """PEFT's rule: a regex string matched against the full name, or name suffixes."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 class MultiLoRAManager:
     """The MultiLoRALinear layers of one model, with adapter names mapped to the
     same slot in every layer, and the batch's adapters set for all layers at once."""
@@ -504,7 +498,7 @@ def apply_multi_lora(model: nn.Module, target_modules: Union[str, Sequence[str]]
     "v_proj": 1024}}`` (PEFT adapters trained on separate q/k/v projections then load
     into the fused layer)."""
     slices = dict(slices or {})
-    targets = [(n, m) for n, m in model.named_modules() if n and _is_target(n, target_modules)]
+    targets = [(n, m) for n, m in model.named_modules() if n and matches(n, target_modules)]
     if not targets:
         raise ValueError(f"target_modules: no module of {type(model).__name__} matches {target_modules!r}")
     for name, module in targets:

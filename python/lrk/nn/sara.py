@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import sparse_ops as sp
+from ._targets import check_targets, find_targets, replace_targets
 
 
 class SaRALinear(nn.Module):
@@ -292,30 +293,13 @@ class _NuclearNorm(torch.autograd.Function):
 # ---------------------------------------------------------------------------- model helpers
 
 
-def _matches(name: str, targets) -> bool:
-    if targets is None:
-        return True
-    if callable(targets):
-        return bool(targets(name))
-    return any(t == name or name.endswith("." + t) or name.split(".")[-1] == t for t in targets)
-
-
 def apply_sara(model: nn.Module, targets: Union[Iterable[str], Callable[[str], bool], None] = None,
                **kwargs) -> list[SaRALinear]:
     """Replace the ``nn.Linear`` modules of ``model`` whose qualified name matches
     ``targets`` (names or name suffixes; a predicate; None = all) by SaRALinear
     (``kwargs`` as for SaRALinear), freeze everything else, and return the new layers."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and _matches(full, targets):
-                layer = SaRALinear(child, **kwargs)
-                setattr(module, child_name, layer)
-                layers.append(layer)
-    return layers
+    targets = find_targets(model, check_targets(targets, allow_all=True), strict=False)
+    return replace_targets(model, targets, lambda module: SaRALinear(module, **kwargs))
 
 
 def sara_layers(model: nn.Module) -> list[SaRALinear]:

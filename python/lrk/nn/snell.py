@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import sparse_ops as sp
+from ._targets import check_targets, find_targets, replace_targets
 
 
 class SNELLLinear(nn.Module):
@@ -114,19 +115,8 @@ def apply_snell(model: nn.Module, targets: Union[Iterable[str], Callable[[str], 
                 **kwargs) -> list[SNELLLinear]:
     """Replace matching ``nn.Linear`` modules (names, name suffixes, a predicate, None =
     all) by SNELLLinear (``kwargs`` as for SNELLLinear); freeze the rest; return them."""
-    from .sara import _matches
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and _matches(full, targets):
-                layer = SNELLLinear(child, **kwargs)
-                setattr(module, child_name, layer)
-                layers.append(layer)
-    return layers
+    targets = find_targets(model, check_targets(targets, allow_all=True), strict=False)
+    return replace_targets(model, targets, lambda module: SNELLLinear(module, **kwargs))
 
 
 @torch.no_grad()

@@ -452,3 +452,24 @@ def test_host_side_checks():
     assert off.tolist() == [0, 2, 3, 6] and ad.tolist() == [3, -1, 0]
     off, ad = mlo.segments_from_sorted_ids([])
     assert off.tolist() == [0] and ad.tolist() == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expand_row_pitch_from_dims_of_size_above_one(device):
+    """A y whose size-1 leading dims carry odd strides is still laid out by its real
+    row pitch; an expanded y (rows sharing memory) is refused."""
+    K, N, n, r = 16, 8, 3, 4
+    x = torch.randn(4, K, device=device)
+    a, b = [torch.randn(n, r, K, device=device)], [torch.randn(n, N, r, device=device)]
+    ranks = torch.tensor([4, 2, 3], device=device)
+    scales = torch.tensor([1.0, 0.5, 2.0], device=device)
+    ids = torch.tensor([0, 1, -1, 2], device=device)
+    h = torch.ops.lrk.multi_lora_shrink(x, a, ranks, ids)
+    y = torch.zeros(4, 1, N, 1, device=device).permute(0, 1, 3, 2)  # strides (8, 8, 1, 1)
+    y_dense = torch.zeros(4, 1, 1, N, device=device)
+    torch.ops.lrk.multi_lora_expand(y, h, b, ranks, scales, ids)
+    torch.ops.lrk.multi_lora_expand(y_dense, h, b, ranks, scales, ids)
+    assert y.abs().sum() > 0
+    torch.testing.assert_close(y, y_dense)
+    with pytest.raises(RuntimeError, match="y: it is updated in place, but some of its elements share memory"):
+        torch.ops.lrk.multi_lora_expand(torch.zeros(N, device=device).expand(4, N), h, b, ranks, scales, ids)

@@ -11,6 +11,7 @@
 // a rank is clamped to [0, r_max], a segment's bounds are clamped to [0, M].
 // Adapter ids normally come from the host, where lrk.nn.MultiLoRALinear (and
 // lrk.multi_lora_ops.check_adapter_ids) validate them before the copy.
+#include <ATen/MemoryOverlap.h>
 #include <algorithm>
 #include <optional>
 #include <string>
@@ -168,13 +169,25 @@ struct ExpandDims {
 inline int64_t row_stride_of(const at::Tensor& y) {
   TORCH_CHECK(y.stride(-1) == 1 || y.size(-1) <= 1, "y: expected a unit stride in the last dim (it is updated in place), got strides ",
               y.strides());
-  if (y.dim() == 1) return y.size(-1);
-  for (int64_t d = 0; d + 2 < y.dim(); ++d) {
-    TORCH_CHECK(y.size(d) <= 1 || y.stride(d) == y.stride(d + 1) * y.size(d + 1),
-                "y: expected leading dims that flatten into rows without a copy (it is updated in place), got shape ",
-                y.sizes(), " and strides ", y.strides());
+  // Only leading dims of size > 1 say where rows are: each must step over whole
+  // copies of the next such dim, and the innermost one's stride is the row pitch.
+  int64_t ld = y.size(-1);
+  int64_t inner_stride = -1, inner_size = 1;
+  for (int64_t d = y.dim() - 2; d >= 0; --d) {
+    if (y.size(d) <= 1) continue;
+    if (inner_stride < 0) {
+      ld = y.stride(d);
+    } else {
+      TORCH_CHECK(y.stride(d) == inner_stride * inner_size,
+                  "y: expected leading dims that flatten into rows without a copy (it is updated in place), got shape ",
+                  y.sizes(), " and strides ", y.strides());
+    }
+    inner_stride = y.stride(d);
+    inner_size = y.size(d);
   }
-  return y.stride(-2);
+  TORCH_CHECK(inner_stride < 0 || ld >= y.size(-1),
+              "y: rows overlap (row stride ", ld, " < ", y.size(-1), " columns); it is updated in place");
+  return ld;
 }
 
 // y [..., N_total] (updated in place), h [slices, M, r_max], lora_b: list of [n, N_s, r_max].
@@ -183,6 +196,10 @@ inline ExpandDims check_expand_inputs(const at::Tensor& y, const at::Tensor& h, 
                                       at::OptionalIntArrayRef slice_offsets) {
   check_float_tensor(y, "y");
   TORCH_CHECK(y.dim() >= 1, "y: expected a tensor of shape [..., out_features], got a 0-D tensor");
+  // Each element of y must have one writer (an expanded y would race on CUDA).
+  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes,
+              "y: it is updated in place, but some of its elements share memory (an expanded tensor?); "
+              "pass a tensor with its own storage per element");
   const MultiLoraPool pool = check_pools(lora_b, "lora_b", y, "y", 1, -1, "");
   check_ranks(ranks, y, "y", pool, "lora_b.shape[2]");
   check_scales(scales, y, "y", pool);
@@ -215,7 +232,7 @@ inline ExpandDims check_expand_inputs(const at::Tensor& y, const at::Tensor& h, 
   // Slices must fit in y and must not overlap: each column of y has one writer.
   std::vector<std::pair<int64_t, int64_t>> spans;
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(d.col_off[s] >= 0 && d.col_off[s] + d.n_out[s] <= N_total, "slice_offsets: slice ", s, " (columns [",
+    TORCH_CHECK(d.col_off[s] >= 0 && d.col_off[s] <= N_total - d.n_out[s], "slice_offsets: slice ", s, " (columns [",
                 d.col_off[s], ", ", d.col_off[s] + d.n_out[s], ") for lora_b[", s, "] of shape ", lora_b[s].sizes(),
                 ") does not fit in y's ", N_total, " columns");
     if (d.n_out[s] > 0) spans.emplace_back(d.col_off[s], d.col_off[s] + d.n_out[s]);

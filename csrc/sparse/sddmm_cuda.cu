@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(WmmaLayout<BS>::kThreads)
   OutT* dst = out + (int64_t(blockIdx.y) * n_blocks + blk) * BS * BS;
 
   const int64_t br = idx[2 * blk], bc = idx[2 * blk + 1];
-  if (br < 0 || br * BS >= N || bc < 0 || bc * BS >= K) {  // outside the grid of blocks
+  // Compared against block counts, not br * BS: a huge int64 index would overflow the product.
+  if (br < 0 || br >= (N + BS - 1) / BS || bc < 0 || bc >= (K + BS - 1) / BS) {  // outside the grid of blocks
     for (int i = tid; i < BS * BS; i += L::kThreads) dst[i] = nan_value<OutT>();
     return;
   }
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(256)
   const int64_t blk = blockIdx.x;
   T* dst = out + (int64_t(blockIdx.y) * n_blocks + blk) * BS * BS;
   const int64_t br = idx[2 * blk], bc = idx[2 * blk + 1];
-  if (br < 0 || br * BS >= N || bc < 0 || bc * BS >= K) {
+  if (br < 0 || br >= (N + BS - 1) / BS || bc < 0 || bc >= (K + BS - 1) / BS) {  // see the WMMA kernel
     for (int i = tid; i < BS * BS; i += 256) dst[i] = nan_value<T>();
     return;
   }

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk
-from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, set_ratios, time_ms, write_json
+from benchmarks.harness import Result, parse_bench_args, peak_mib, report, set_ratios, time_ms
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.0, False),
@@ -154,9 +154,7 @@ def main(argv=None):
     for M, K, N, r, p, use_dora in cases:
         results += run_case(M, K, N, r, p, use_dora, device, dtype)
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
-    print_table(title, results)
-    if args.json:
-        write_json(args.json, title, environment(device), results)
+    report(title, results, device, args.json)
     return results
 
 

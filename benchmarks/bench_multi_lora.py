@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk.multi_lora_ops as mlo
-from benchmarks.harness import Result, environment, parse_bench_args, print_table, time_ms, write_json
+from benchmarks.harness import Result, parse_bench_args, report, time_ms
 
 
 @dataclass
@@ -213,9 +213,7 @@ def main(argv=None):
     for case in cases:
         results += run_case(case, device, dtype)
     title = f"multi-adapter LoRA layer (y = xW^T + per-token adapter), {dtype}, {device.type}"
-    print_table(title, results)
-    if args.json:
-        write_json(args.json, title, environment(device), results)
+    report(title, results, device, args.json)
     return results
 
 

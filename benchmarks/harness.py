@@ -141,3 +141,10 @@ def set_ratios(results: list[Result]) -> None:
     for r in results:
         if r.ms and base_ms:
             r.ratio = r.ms / base_ms
+
+
+def report(title: str, results: list[Result], device: torch.device, json_path: Optional[str]) -> None:
+    """Prints the table and, when asked, writes the JSON with the run's environment."""
+    print_table(title, results)
+    if json_path:
+        write_json(json_path, title, environment(device), results)

@@ -3,9 +3,11 @@
 // argument, what was expected and what was given.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 namespace lrk {
 
@@ -49,6 +51,20 @@ inline void check_finite(double v, std::string_view name) {
 
 inline void check_probability(double p, std::string_view name) {
   TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p < 1.0, name, ": expected a probability in [0, 1), got ", p);
+}
+
+// t has shape [..., last] with the leading dims of x [..., K] (a grad_y, an h).
+inline void check_leading_dims_like(const at::Tensor& t, std::string_view name, const at::Tensor& x, int64_t last) {
+  const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  TORCH_CHECK(t.dim() == x.dim() && t.size(-1) == last && t.numel() == rows * last, name, ": expected shape [..., ",
+              last, "] with the leading dims of x ", x.sizes(), ", got ", t.sizes());
+}
+
+// Shape of an output [..., last] with the leading dims of x.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = last;
+  return shape;
 }
 
 }  // namespace lrk

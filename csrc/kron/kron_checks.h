@@ -71,17 +71,8 @@ inline KronDims check_kron_bwd_inputs(const at::Tensor& grad_y, const at::Tensor
                                       const std::optional<at::Tensor>& weight, double scale) {
   const KronDims d = check_kron_inputs(x, u, v, sigma, weight, std::nullopt, scale);
   check_like_x(grad_y, "grad_y", x);
-  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(-1) == d.N && grad_y.numel() == d.M * d.N,
-              "grad_y: expected shape [..., ", d.N, "] with the leading dims of x ", x.sizes(), ", got ",
-              grad_y.sizes());
+  check_leading_dims_like(grad_y, "grad_y", x, d.N);
   return d;
-}
-
-// Shape of an output [..., last] with the leading dims of x.
-inline std::vector<int64_t> kron_out_shape(const at::Tensor& x, int64_t last) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = last;
-  return shape;
 }
 
 }  // namespace lrk

@@ -25,7 +25,7 @@ at::Tensor kron_linear_cpu(const at::Tensor& x, const at::Tensor& u, const at::T
   const at::Tensor coef = kron_coefficients(sigma, d.k, scale, acc, x.device());
   const at::Tensor y = kron_forward_portable(x2, u.to(acc), v.to(acc), coef, optional_to(weight, acc),
                                              optional_to(bias, acc), d);
-  return y.to(x.scalar_type()).reshape(kron_out_shape(x, d.N));
+  return y.to(x.scalar_type()).reshape(with_last_dim(x, d.N));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_bwd_cpu(

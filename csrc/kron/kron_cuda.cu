@@ -29,10 +29,10 @@ at::Tensor kron_linear_cuda(const at::Tensor& x, const at::Tensor& u, const at::
     at::Tensor y = at::empty({d.M, d.N}, x.options());
     kron_fused_forward_cuda(x2, u.contiguous(), v.contiguous(), coef, bias, y, d);
     if (has_tensor(weight)) y.addmm_(x2, weight->t());
-    return y.reshape(kron_out_shape(x, d.N));
+    return y.reshape(with_last_dim(x, d.N));
   }
   const at::Tensor y = kron_forward_portable(x2, u, v, coef, weight, bias, d);
-  return y.reshape(kron_out_shape(x, d.N));
+  return y.reshape(with_last_dim(x, d.N));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_bwd_cuda(

@@ -59,22 +59,13 @@ inline LoraDims check_lora_bwd_inputs(const at::Tensor& grad_y, const at::Tensor
   check_float_tensor(grad_y, "grad_y");
   check_same_dtype(grad_y, "grad_y", x, "x");
   check_same_device(grad_y, "grad_y", x, "x");
-  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(-1) == d.N && grad_y.numel() == d.M * d.N,
-              "grad_y: expected shape [..., ", d.N, "] with the leading dims of x ", x.sizes(), ", got ",
-              grad_y.sizes());
+  check_leading_dims_like(grad_y, "grad_y", x, d.N);
   check_float_tensor(h, "h");
   check_same_dtype(h, "h", x, "x");
   check_same_device(h, "h", x, "x");
   TORCH_CHECK(h.size(-1) == d.r && h.numel() == d.M * d.r, "h: expected shape [..., ", d.r,
               "] with the leading dims of x ", x.sizes(), ", got ", h.sizes());
   return d;
-}
-
-// Shape of an output [..., last] with the leading dims of x.
-inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = last;
-  return shape;
 }
 
 }  // namespace lrk

@@ -271,9 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> snell_linear_bwd(
   check_same_dtype(grad_y, "grad_y", x, "x");
   check_same_device(grad_y, "grad_y", x, "x");
   const int64_t M = x.numel() / std::max<int64_t>(d.K, 1);
-  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(-1) == d.N && grad_y.numel() == M * d.N,
-              "grad_y: expected shape [..., ", d.N, "] with the leading dims of x ", x.sizes(), ", got ",
-              grad_y.sizes());
+  check_leading_dims_like(grad_y, "grad_y", x, d.N);
   const auto acc = acc_dtype(lora_a);
   const at::Tensor dy = grad_y.reshape({M, d.N});
   const at::Tensor xx = x.reshape({M, d.K});

@@ -174,7 +174,23 @@ class MultiLoRABatch:
 # ----------------------------------------------------------------------------- the layer
 
 
-class MultiLoRALinear(nn.Module):
+class _SlotNames:
+    """Adapter name -> pool slot, for a layer and for a whole model's manager."""
+
+    _slots: Dict[str, int]
+
+    @property
+    def adapters(self) -> Dict[str, int]:
+        """Loaded adapters: name -> slot."""
+        return dict(self._slots)
+
+    def slot_of(self, name: str) -> int:
+        if name not in self._slots:
+            raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self._slots)})")
+        return self._slots[name]
+
+
+class MultiLoRALinear(_SlotNames, nn.Module):
     """A frozen ``nn.Linear`` plus a device pool of ``max_adapters`` LoRA adapters of rank <= ``r_max``.
 
     ``slices``: output sizes of a fused layer (e.g. ``[q, k, v]``, summing to
@@ -221,16 +237,6 @@ class MultiLoRALinear(nn.Module):
     @property
     def lora_b(self) -> list:
         return [getattr(self, f"lora_b_{s}") for s in range(len(self.slice_sizes))]
-
-    @property
-    def adapters(self) -> Dict[str, int]:
-        """Loaded adapters: name -> slot."""
-        return dict(self._slots)
-
-    def slot_of(self, name: str) -> int:
-        if name not in self._slots:
-            raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self._slots)})")
-        return self._slots[name]
 
     def _free_slot(self) -> int:
         used = set(self._slots.values())
@@ -383,7 +389,7 @@ class MultiLoRALinear(nn.Module):
 # ----------------------------------------------------------------------------- whole models
 
 
-class MultiLoRAManager:
+class MultiLoRAManager(_SlotNames):
     """The MultiLoRALinear layers of one model, with adapter names mapped to the
     same slot in every layer, and the batch's adapters set for all layers at once."""
 
@@ -394,15 +400,6 @@ class MultiLoRAManager:
         self.peft_names = peft_names    # module name -> PEFT module names of its slices
         self.max_adapters = max_adapters
         self._slots: Dict[str, int] = {}
-
-    @property
-    def adapters(self) -> Dict[str, int]:
-        return dict(self._slots)
-
-    def slot_of(self, name: str) -> int:
-        if name not in self._slots:
-            raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self._slots)})")
-        return self._slots[name]
 
     def _next_slot(self, name: str) -> int:
         if name in self._slots:

@@ -1,0 +1,86 @@
+"""Bad input that each family's own tests do not reach: a tensor on the wrong device
+(checked where a GPU is present), and wrong dtypes or shapes for ops whose family
+tests exercise them only through other ops. Every error must name the argument."""
+import pytest
+import torch
+
+import lrk
+from lrk import galore_ops as go
+from lrk import kron_ops as ko
+from lrk import multi_lora_ops as mlo
+from lrk import sparse_ops as sp
+from conftest import CUDA_SKIP
+
+
+def _device_mix_cases():
+    """(name of the argument moved to the other device, call taking a device map)."""
+    def lora(dev):
+        return lrk.lora_fused(torch.randn(4, 16, device=dev["x"]), torch.randn(8, 16, device=dev["weight"]), None,
+                              torch.randn(2, 16, device=dev["lora_a"]), torch.randn(8, 2, device=dev["lora_b"]))
+
+    def dora(dev):
+        return lrk.dora_fused(torch.randn(4, 16, device=dev["x"]), torch.randn(8, 16, device=dev["weight"]), None,
+                              torch.randn(2, 16, device=dev["lora_a"]), torch.randn(8, 2, device=dev["lora_b"]),
+                              torch.ones(8, device=dev["magnitude"]))
+
+    def kron(dev):
+        return ko.kron_linear(torch.randn(4, 16, device=dev["x"]), torch.randn(2, 4, 4, device=dev["u"]),
+                              torch.randn(2, 4, 4, device=dev["v"]))
+
+    def shrink(dev):
+        return mlo.multi_lora_shrink(torch.randn(4, 16, device=dev["x"]), [torch.randn(3, 4, 16, device=dev["lora_a"])],
+                                     torch.tensor([4, 4, 4], device=dev["ranks"]),
+                                     torch.tensor([0, 1, -1, 2], device=dev["adapter_ids"]))
+
+    def sddmm(dev):
+        return sp.sddmm_block(torch.randn(8, 32, device=dev["grad_y"]), torch.randn(8, 32, device=dev["x"]),
+                              torch.tensor([[0, 0], [1, 1]], device=dev["block_indices"]), 16)
+
+    def project(dev):
+        return go.project(torch.randn(4, 6, device=dev["grad"]), torch.randn(4, 2, device=dev["proj"]), True)
+
+    return [
+        ("lora_fused", lora, ["weight", "lora_a", "lora_b"]),
+        ("dora_fused", dora, ["magnitude"]),
+        ("kron_linear", kron, ["u", "v"]),
+        ("multi_lora_shrink", shrink, ["lora_a"]),
+        ("sddmm_block", sddmm, ["x", "block_indices"]),
+        ("galore_project", project, ["proj"]),
+    ]
+
+
+CASES = [(op, fn, arg) for op, fn, args in _device_mix_cases() for arg in args]
+
+
+@CUDA_SKIP
+@pytest.mark.cuda
+@pytest.mark.parametrize("op,fn,arg", CASES, ids=[f"{op}-{arg}" for op, _, arg in CASES])
+def test_device_mix_names_the_argument(op, fn, arg):
+    dev = {name: "cuda" for name in ("x", "weight", "lora_a", "lora_b", "magnitude", "u", "v", "ranks", "adapter_ids",
+                                     "grad_y", "block_indices", "grad", "proj")}
+    dev[arg] = "cpu"
+    with pytest.raises(RuntimeError, match=arg):
+        fn(dev)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: lrk.dora_weight_norm(torch.randn(8, 16), torch.randn(2, 15), torch.randn(8, 2), 1.0),
+         "lora_a: expected size 16 in dim 1"),
+        (lambda: lrk.dora_weight_norm(torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2, dtype=torch.float64), 1.0),
+         "lora_b: expected dtype Float"),
+        (lambda: lrk.dora_weight_norm(torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2), float("inf")),
+         "scale: expected a finite number"),
+        (lambda: lrk.dora_weight_norm(torch.ones(8, 16, dtype=torch.int32), torch.randn(2, 16), torch.randn(8, 2), 1.0),
+         "weight: expected dtype float32"),
+        (lambda: go.quantize_int4(torch.randn(4, 2, 3)), "proj"),
+        (lambda: go.quantize_int4(torch.ones(4, 2, dtype=torch.int64)), "proj"),
+        (lambda: go.philox_normal_(torch.zeros(4, dtype=torch.int64), 0), "out"),
+        (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 3), "linear", 0.5), "lora_b: expected size 4 in dim 1"),
+        (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 4), "linear", 1.5), "sparsity"),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()

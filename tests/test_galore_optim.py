@@ -122,6 +122,25 @@ def test_galore_torch_quant_and_side_keys():
     assert "proj" not in st
 
 
+def test_q_galore_keys_and_adamw_signature():
+    """Q-GaLore's group keys (quant, quant_n_bit, quant_group_size, cos_threshold,
+    gamma_proj, queue_size) and galore-torch's AdamW keyword no_deprecation_warning."""
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model, rank=2, update_proj_gap=1, scale=0.25, proj_type="std", quant=True,
+                              quant_n_bit=4, quant_group_size=8, cos_threshold=0.0, gamma_proj=2, queue_size=1),
+                      lr=1e-3, weight_decay=0.0, no_deprecation_warning=True)
+    group = opt.param_groups[1]
+    assert group["proj_bits"] == 4 and group["lazy_refresh"] and "quant" not in group and "quant_n_bit" not in group
+    _train(model, opt, 3)
+    st = opt.state[model[0].weight]
+    assert st["proj_packed"].dtype == torch.uint8 and st["proj_scales"].shape == (2, 2)  # 10 rows in groups of 8
+    assert st["proj_gap"] == 4  # refreshes at steps 0, 1, 2; cos >= 0 doubles the gap at steps 1 and 2
+    plain = GaLoreAdamW(_groups(_mlp(), rank=2, quant=False, quant_n_bit=4), lr=1e-3)
+    assert plain.param_groups[1]["proj_bits"] == 32 and not plain.param_groups[1]["lazy_refresh"]
+    with pytest.raises(ValueError, match="quant_n_bit"):
+        GaLoreAdamW(_groups(_mlp(), rank=2, quant=True, quant_n_bit=8), lr=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plain_params_get_adamw(dtype):
     model = _mlp(dtype=dtype)
@@ -152,7 +171,7 @@ def test_plain_params_get_adamw(dtype):
         (lambda m: _groups(m, rank=0), "rank must be an integer >= 1"),
         (lambda m: _groups(m, rank=2, proj_type="qr"), "proj_type must be one of"),
         (lambda m: _groups(m, rank=2, proj_type="dct", proj_bits=4), "proj_bits=4 applies to svd and rsvd"),
-        (lambda m: _groups(m, rank=2, proj_bits=8), "proj_bits must be 32 or 4"),
+        (lambda m: _groups(m, rank=2, proj_bits=8), r"proj_bits \(Q-GaLore.s quant_n_bit\) must be 32 or 4"),
         (lambda m: _groups(m, rank=2, update_proj_gap=0), "update_proj_gap must be an integer >= 1"),
         (lambda m: _groups(m, rank=2, moment_update="reset"), "moment_update must be one of"),
         (lambda m: _groups(m, rank=2, dim=3), "projects 2-D matrices only"),

@@ -24,9 +24,15 @@ Group keys (galore-torch's are accepted as they are):
     oversample, power_iters, seed        rsvd's (and random's) parameters
     lazy_refresh, cos_threshold, gamma_proj, queue_size
                      Q-GaLore's lazy refresh: after each refresh, the |cosine| of
-                     the new and previous leading projector vectors joins a queue;
-                     when the queue is full and its mean >= cos_threshold, the gap
-                     is multiplied by gamma_proj
+                     the new and previous leading projector vectors joins a queue
+                     (a sliding window of queue_size); when the queue is full and
+                     its mean >= cos_threshold, the gap is multiplied by gamma_proj
+    Q-GaLore's own keys are accepted too: ``quant`` with ``quant_n_bit`` (only 4
+    is supported) means ``proj_bits``; a group that names ``cos_threshold`` turns
+    lazy refresh on unless it sets ``lazy_refresh`` (Q-GaLore always refreshes lazily).
+
+Fira follows ops.md: the residual is ``G - P P^T G``. (Fira's released code
+subtracts ``scale * P P^T G``; the two agree at ``scale = 1``.)
 
 The state holds tensors and plain numbers only (``torch.load(weights_only=True)``
 works), and everything a refresh needs (the seeds, the current gap) is in it, so
@@ -99,7 +105,11 @@ class GaLoreAdamW(Optimizer):
                  update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "svd", proj_side: str = "std",
                  proj_bits: int = 32, quant_group_size: int = 256, fira: bool = False, moment_update: str = "keep",
                  oversample: int = 8, power_iters: int = 1, seed: int = 0, lazy_refresh: bool = False,
-                 cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5):
+                 cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5,
+                 no_deprecation_warning: bool = False):
+        # no_deprecation_warning: accepted (and ignored) so that galore-torch's and
+        # transformers' AdamW call signature works unchanged.
+        del no_deprecation_warning
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"GaLoreAdamW: lr must be a finite number >= 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
@@ -130,6 +140,13 @@ class GaLoreAdamW(Optimizer):
                 group["proj_bits"] = 4
         if "alpha" in group and "scale" not in group:  # Fira's name for the scale
             group["scale"] = group.pop("alpha")
+        # Q-GaLore's spellings: quant / quant_n_bit, and lazy refresh always on.
+        if "quant" in group or "quant_n_bit" in group:
+            quant, bits = group.pop("quant", True), group.pop("quant_n_bit", 4)
+            if quant:
+                group["proj_bits"] = bits
+        if "cos_threshold" in group and "lazy_refresh" not in group:
+            group["lazy_refresh"] = True
         super().add_param_group(group)
         added = self.param_groups[-1]
         if _is_galore(added):
@@ -149,7 +166,7 @@ class GaLoreAdamW(Optimizer):
         if group["proj_side"] not in PROJ_SIDES:
             raise ValueError(f"{where}: proj_side must be one of {PROJ_SIDES}, got {group['proj_side']!r}")
         if group["proj_bits"] not in (32, 4):
-            raise ValueError(f"{where}: proj_bits must be 32 or 4, got {group['proj_bits']!r}")
+            raise ValueError(f"{where}: proj_bits (Q-GaLore's quant_n_bit) must be 32 or 4, got {group['proj_bits']!r}")
         if group["proj_bits"] == 4 and group["proj_type"] in ("dct", "random"):
             raise ValueError(f"{where}: proj_bits=4 applies to svd and rsvd projectors; {group['proj_type']} "
                              f"already stores only {'indices' if group['proj_type'] == 'dct' else 'a seed'}")

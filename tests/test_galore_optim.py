@@ -394,21 +394,55 @@ def test_small_training_run_matches_adamw(case, adamw_reference_loss):
     assert loss <= 1.10 * adamw_reference_loss, f"GaLore {loss:.5f} vs AdamW {adamw_reference_loss:.5f}"
 
 
+# ----------------------------------------------------------------------------- reduced-precision GEMMs
+# Stated tolerance: with TF32 (or comparably rounded) GEMMs, the weight change
+# after 20 steps is within 2% (relative, per parameter) of the fp32 run's. The
+# batches have 4 rows, so every weight gradient has rank <= 4 = the projection
+# rank and its range is a well-defined subspace: with many near-equal singular
+# values (larger batches) a 1e-3 perturbation can swap a projector column, and
+# the weights then differ by tens of percent in one layer in any precision.
+
+TRAJECTORY_TOL = 2e-2
+
+
+def _weight_change(proj_type, device="cpu", grad_noise=0.0, steps=20):
+    model = _mlp(device)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = GaLoreAdamW(_groups(model, rank=4, update_proj_gap=5, proj_type=proj_type), lr=1e-3)
+    gen = torch.Generator().manual_seed(7)
+    for s in range(steps):
+        x, y = _batch(s, device, n=4)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        if grad_noise:
+            for p in model.parameters():
+                p.grad.mul_(1 + grad_noise * torch.randn(p.grad.shape, generator=gen).to(device))
+        opt.step()
+    return [p.detach() - s for p, s in zip(model.parameters(), start)]
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_trajectory_tolerates_gemm_rounding(proj_type):
+    """CPU model of reduced-precision GEMMs: every gradient entry perturbed by a
+    relative 1e-3 (about two TF32 ulps) before each step keeps the weight change
+    within the stated tolerance of the unperturbed run's. The deviation grows in
+    proportion (about 0.15% here, 1.5% at a relative 1e-2), so the margin is ~10x."""
+    for noisy, exact in zip(_weight_change(proj_type, grad_noise=1e-3), _weight_change(proj_type)):
+        assert_close(noisy, exact, torch.float32, "weight change", factor=TRAJECTORY_TOL / 1e-5)
+
+
 @pytest.mark.parametrize("device", [d for d in DEVICES if d.id == "cuda"])
 @pytest.mark.parametrize("proj_type", ["rsvd", "dct"])
 def test_tf32_gemms_stay_close_to_the_fp32_trajectory(device, proj_type):
-    """With TF32 projection GEMMs (torch.backends.cuda.matmul.allow_tf32), the
-    cumulative weight change after 20 steps is within 2% of the fp32 run's."""
+    """TF32 GEMMs (torch.backends.cuda.matmul.allow_tf32: the model's, the
+    step's projection and back projection, the rsvd refresh) keep the weight
+    change within the stated tolerance of the fp32 run's."""
     runs = {}
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            model = _mlp(device)
-            start = [p.detach().clone() for p in model.parameters()]
-            opt = GaLoreAdamW(_groups(model, rank=4, update_proj_gap=5, proj_type=proj_type), lr=1e-3)
-            _train(model, opt, 20, device=device)
-            runs[tf32] = [p.detach() - s for p, s in zip(model.parameters(), start)]
+            runs[tf32] = _weight_change(proj_type, device)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = False
     for d_tf32, d_fp32 in zip(runs[True], runs[False]):
-        assert_close(d_tf32, d_fp32, torch.float32, "weight change", factor=2e3)
+        assert_close(d_tf32, d_fp32, torch.float32, "weight change", factor=TRAJECTORY_TOL / 1e-5)

@@ -141,6 +141,28 @@ def test_q_galore_keys_and_adamw_signature():
         GaLoreAdamW(_groups(_mlp(), rank=2, quant=True, quant_n_bit=8), lr=1e-3)
 
 
+def test_strided_parameters_are_stepped_in_place():
+    """A channels_last conv weight (plain AdamW) and a transposed 2-D view (GaLore)
+    follow the same trajectory as their contiguous copies and keep their strides."""
+    gen = torch.Generator().manual_seed(5)
+    conv = torch.randn(4, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last)
+    mat = torch.randn(12, 7, generator=gen).t()  # [7, 12], strides (1, 7)
+    strided = [torch.nn.Parameter(conv.clone()), torch.nn.Parameter(mat.clone())]
+    dense = [torch.nn.Parameter(conv.contiguous()), torch.nn.Parameter(mat.contiguous())]
+    assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
+    opts = [GaLoreAdamW([{"params": ps[:1]}, {"params": ps[1:], "rank": 2, "update_proj_gap": 2}], lr=0.01,
+                        weight_decay=0.1) for ps in (strided, dense)]
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=gen) for t in dense]
+        for ps, opt in zip((strided, dense), opts):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(strided, dense):
+        assert torch.equal(a.contiguous(), b)
+    assert strided[0].is_contiguous(memory_format=torch.channels_last) and strided[1].stride() == (1, 7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plain_params_get_adamw(dtype):
     model = _mlp(dtype=dtype)

@@ -218,10 +218,16 @@ class GaLoreAdamW(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                # The step op updates a contiguous parameter in place; a strided one
+                # (channels_last, a transposed view) is stepped on a copy, written back.
+                w = _local(p)
+                work = w if w.is_contiguous() else w.contiguous()
                 if _is_galore(group):
-                    self._galore_step(p, group)
+                    self._galore_step(p, work, group)
                 else:
-                    self._adamw_step(p, group)
+                    self._adamw_step(p, work, group)
+                if work is not w:
+                    w.copy_(work)
         return loss
 
     def _hyper(self, group: dict, step: int) -> dict:
@@ -229,8 +235,8 @@ class GaLoreAdamW(Optimizer):
         return dict(step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], correct_bias=group["correct_bias"])
 
-    def _adamw_step(self, p: Tensor, group: dict) -> None:
-        w, g = _local(p), _local(p.grad)
+    def _adamw_step(self, p: Tensor, w: Tensor, group: dict) -> None:
+        g = _local(p.grad)
         state = self.state[p]
         if not state:
             state["step"] = 0
@@ -353,8 +359,8 @@ class GaLoreAdamW(Optimizer):
                 state["proj_gap"] = int(state["proj_gap"] * group["gamma_proj"])
         state["proj_lead"] = lead
 
-    def _galore_step(self, p: Tensor, group: dict) -> None:
-        w, g = _local(p), _local(p.grad)
+    def _galore_step(self, p: Tensor, w: Tensor, group: dict) -> None:
+        g = _local(p.grad)
         shard = sh.row_shard(p)
         left = _projects_left(p.shape, group["proj_side"])
         state = self.state[p]

@@ -8,9 +8,10 @@ timed in one run on the same inputs:
                 (when peft is installed; eager: it indexes with host lists)
   gather_bmm    A_pool[ids], B_pool[ids] gathered, two torch.bmm (decode cases only)
   lrk           F.linear + torch.ops.lrk.multi_lora_shrink / _expand (in place)
-On CUDA, decode cases are timed as CUDA-graph replays (what serving engines run:
-launch and host overhead gone) for base, gather_bmm and lrk; `lrk eager` is lrk
-launched from Python. Prefill and CPU cases run eagerly.
+On CUDA, base, gather_bmm and lrk are timed as CUDA-graph replays (what serving
+engines run: launch and host overhead gone; vLLM's figures in
+../shared/anchors/ are graph replays too); `lrk eager` is lrk launched from
+Python. PEFT and CPU cases run eagerly. The lrk rows name the issue's target.
 
     python -m benchmarks.bench_multi_lora [--device cuda] [--json out.json] [--quick]
 """
@@ -35,7 +36,9 @@ class Case:
     seq_len: int          # 1 for decode
     adapters: int         # in the pool
     ranks: tuple          # ranks of the pool's adapters (cycled)
-    used: int = 0         # adapters the batch uses (0: all of the pool)
+    used: int = 0         # adapters the batch uses, spread evenly over the pool (0: all of it)
+    r_max: int = 0        # rank capacity of the pool's slots (0: the largest rank)
+    target: str = ""      # the issue's goal for lrk in this case
 
     @property
     def decode(self) -> bool:
@@ -43,13 +46,16 @@ class Case:
 
 
 GPU_CASES = [
-    Case("decode b64 32x r16", 4096, 4096, 64, 1, 32, (16,)),
-    Case("decode b512 32x r16", 4096, 4096, 512, 1, 32, (16,)),
-    Case("decode b256 r{8..128}", 4096, 4096, 256, 1, 32, (8, 16, 64, 128)),
+    Case("decode b64 32x r16", 4096, 4096, 64, 1, 32, (16,), target="<= 1.5x base"),
+    Case("decode b512 32x r16", 4096, 4096, 512, 1, 32, (16,), target="<= 1.5x base"),
+    Case("decode b256 r{8..128}", 4096, 4096, 256, 1, 32, (8, 16, 64, 128),
+         target="time follows the sum of ranks used"),
     Case("decode b256 all r8", 4096, 4096, 256, 1, 32, (8,)),
+    Case("decode b256 r8 in r_max128", 4096, 4096, 256, 1, 32, (8,), r_max=128, target="as 'all r8'"),
     Case("decode b256 all r128", 4096, 4096, 256, 1, 32, (128,)),
-    Case("decode b64 pool1024 r16", 4096, 4096, 64, 1, 1024, (16,), used=64),
-    Case("prefill 8x512 8x r16", 4096, 4096, 8 * 512, 512, 8, (16,)),
+    # The same 32 adapters as "decode b64 32x r16", spread over a pool of 1024 slots.
+    Case("decode b64 pool1024 r16", 4096, 4096, 64, 1, 1024, (16,), used=32, target="as 'b64 32x r16'"),
+    Case("prefill 8x512 8x r16", 4096, 4096, 8 * 512, 512, 8, (16,), target="<= 1.15x base"),
 ]
 CPU_CASES = [
     Case("decode b16 8x r8", 512, 512, 16, 1, 8, (8,)),
@@ -59,7 +65,7 @@ CPU_CASES = [
 
 
 def make_inputs(case: Case, device, dtype, gen):
-    r_max = max(case.ranks)
+    r_max = case.r_max or max(case.ranks)
     ranks = torch.tensor([case.ranks[j % len(case.ranks)] for j in range(case.adapters)], dtype=torch.int32)
     a_pool = torch.zeros(case.adapters, r_max, case.K, dtype=dtype, device=device)
     b_pool = torch.zeros(case.adapters, case.N, r_max, dtype=dtype, device=device)
@@ -71,8 +77,9 @@ def make_inputs(case: Case, device, dtype, gen):
     w = (torch.randn(case.N, case.K, generator=gen) / math.sqrt(case.K)).to(dtype).to(device)
     x = torch.randn(case.tokens, case.K, generator=gen).to(dtype).to(device)
     used = case.used or case.adapters
+    slots = torch.arange(used) * (case.adapters // used)  # spread over the pool
     seqs = case.tokens // case.seq_len
-    seq_adapters = torch.randint(0, used, (seqs,), generator=gen)
+    seq_adapters = slots[torch.randint(0, used, (seqs,), generator=gen)]
     if not case.decode:  # prefill: sequences sorted by adapter, one segment each
         seq_adapters = torch.sort(seq_adapters).values
     ids = seq_adapters.repeat_interleave(case.seq_len)
@@ -152,7 +159,7 @@ def run_case(case: Case, device, dtype):
     if case.decode:
         contenders["gather_bmm"] = gather_bmm
     contenders["lrk"] = lrk_step
-    if case.decode and device.type == "cuda":
+    if device.type == "cuda":
         contenders["lrk eager"] = lrk_step
 
     used_ranks = [int(inp["ranks_host"][int(j)]) for j in torch.unique(inp["host_ids"])]
@@ -167,7 +174,7 @@ def run_case(case: Case, device, dtype):
         for name, fn in contenders.items():
             note = ""
             try:
-                use_graph = device.type == "cuda" and case.decode and name in ("base", "gather_bmm", "lrk")
+                use_graph = device.type == "cuda" and name in ("base", "gather_bmm", "lrk")
                 timed = fn
                 if use_graph:
                     timed, _ = graphed(fn, device)
@@ -199,8 +206,11 @@ def run_case(case: Case, device, dtype):
             res.ratio = res.ms / base_ms
         if res.contender == "lrk":
             res.rel_err = err
+            if case.target:
+                res.note = f"{res.note}; target {case.target}" if res.note else f"target {case.target}"
         res.extra = dict(K=K, N=N, tokens=M, seq_len=case.seq_len, adapters=case.adapters,
-                         ranks=list(case.ranks), sum_used_ranks=sum(used_ranks))
+                         ranks=list(case.ranks), r_max=a_pool.shape[1], used_adapters=len(used_ranks),
+                         sum_used_ranks=sum(used_ranks))
     return results
 
 

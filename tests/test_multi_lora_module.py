@@ -241,6 +241,17 @@ def test_layer_loads_peft_file_and_state_dict(tmp_path):
         y = layer(x, [slot, slot2, -1])
         ref = lora_linear(x, base.q_proj.weight, base.q_proj.bias, a, b, peft_layer.scaling["second"])
     assert_close(y[:2], ref[:2].double(), torch.float32, "q_proj")
+    # A directory in the older format (adapter_model.bin) loads the same weights.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(state, bin_dir / "adapter_model.bin")
+    (bin_dir / "adapter_config.json").write_text((dirs["second"] / "adapter_config.json").read_text())
+    layer.unload_adapter("copy")
+    slot3 = layer.load_peft_adapter("bin", bin_dir, "q_proj")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, [slot3, slot, -1]), layer(x, [slot, slot, -1]))
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors or adapter_model.bin"):
+        read_peft_adapter(tmp_path)
     with pytest.raises(ValueError, match="config: a PEFT config"):
         read_peft_adapter(state)
     with pytest.raises(ValueError, match=r"no weights for \['o_proj_missing'\]"):

@@ -218,6 +218,65 @@ def test_adapter_of_rank_r_reads_only_r(device):
     assert_close(y_big, y_small.double(), torch.bfloat16, "y")
 
 
+# Segments of 200 tokens: 64-token tiles hold several segments, and adapter 0's
+# tokens share tiles with other adapters' tokens on both sides and with tokens
+# without an adapter ([90, 100)).
+POISON_SEGMENTS = [(0, 30, 1), (30, 90, 0), (90, 100, -1), (100, 150, 2), (150, 170, 0), (170, 200, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,r_max", [(32, 16), (264, 128)])  # CUDA tiles: one K step; K split and two rank tiles
+@pytest.mark.parametrize("poison", ["lora_a", "lora_b", "x"])
+@pytest.mark.parametrize("layout", ["segments", "per_token"])
+def test_non_finite_values_stay_in_their_tokens(device, dtype, K, r_max, poison, layout):
+    """An adapter holding Inf (or a token whose input is Inf) makes only its own
+    tokens non-finite: every other token's h and y match the reference, and tokens
+    without an adapter keep y bit for bit."""
+    g = _gen()
+    M, n_out = 200, [72, 40]
+    lora_a, lora_b, ranks, scales = make_pool(4, r_max, K, n_out, dtype, device, ranks=[r_max, r_max // 2, 3, r_max],
+                                              gen=g)
+    offsets = torch.tensor([lo for lo, _, _ in POISON_SEGMENTS] + [M])
+    adapters = torch.tensor([j for _, _, j in POISON_SEGMENTS])
+    ids = ref.segments_to_adapter_ids(offsets, adapters, M)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype).to(device)
+    if poison == "lora_a":
+        for a in lora_a:
+            a[0, 1, 5] = float("inf")
+        poisoned = ids == 0
+    elif poison == "lora_b":
+        for b in lora_b:
+            b[0, 7, 2] = float("inf")
+        poisoned = ids == 0
+    else:
+        x[95] = float("inf")      # a token without an adapter: x is not read
+        x[110, 3] = float("inf")  # a token of adapter 2
+        poisoned = torch.arange(M) == 110
+    n_total = sum(n_out)
+    y0 = (torch.randn(M, n_total, generator=g, dtype=torch.float64) * 0.3).to(dtype).to(device)
+    y = y0.clone()
+    if layout == "segments":
+        h = mlo.multi_lora_shrink_segments(x, lora_a, ranks, offsets.to(device), adapters.to(device))
+        mlo.multi_lora_expand_segments_(y, h, lora_b, ranks, scales, offsets.to(device), adapters.to(device))
+    else:
+        h = mlo.multi_lora_shrink(x, lora_a, ranks, ids.to(device))
+        mlo.multi_lora_expand_(y, h, lora_b, ranks, scales, ids.to(device))
+    h, y = h.cpu(), y.cpu()
+
+    # The reference without the poisoned tokens' adapter terms (their ids are -1 there).
+    ref_ids = torch.where(poisoned, -1, ids)
+    h_ref = ref.multi_lora_shrink(x.double().cpu(), clean(lora_a), ranks.cpu(), ref_ids)
+    y_ref = ref.multi_lora_expand(y0.double().cpu(), h_ref, clean(lora_b), ranks.cpu(), scales.cpu(), ref_ids)
+    keep = ~poisoned
+    assert_close(h[:, keep], h_ref[:, keep], dtype, "h of the other tokens")
+    assert_close(y[keep], y_ref[keep], dtype, "y of the other tokens")
+    assert torch.equal(y[ids == -1], y0.cpu()[ids == -1]), "rows of tokens without an adapter changed"
+    # The poison was read: each poisoned token's own result is non-finite.
+    own = y[poisoned] if poison == "lora_b" else h[0, poisoned]
+    assert (~torch.isfinite(own.float())).any(dim=-1).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):

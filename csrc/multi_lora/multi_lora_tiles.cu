@@ -2,12 +2,14 @@
 //
 // A block owns a tile of 64 consecutive tokens. It finds the segments that
 // overlap its tile (binary search on seg_offsets) and makes one pass per
-// segment: the operand rows outside that segment are loaded as zeros, so every
-// pass adds into the same fp32 WMMA accumulators and the output tile is written
-// once at the end. With segments longer than a tile almost every tile needs one
-// pass, and the adapter's weights are read once per 64 tokens instead of once
-// per token. Passes skip adapters whose rank does not reach the block's rank
-// tile (shrink) and stop the rank loop at r_j (expand): cost follows r_j, not r_max.
+// segment, each with its own fp32 WMMA accumulators; a pass adds into the output
+// only the rows of its own segment, so whatever it computes for the tile's other
+// rows (NaN when its adapter holds Inf: 0 * Inf) never reaches them. Warps whose
+// 16 rows miss the segment skip its MMAs. With segments longer than a tile almost
+// every tile needs one pass, and the adapter's weights are read once per 64
+// tokens instead of once per token. Passes skip adapters whose rank does not
+// reach the block's rank tile (shrink) and stop the rank loop at r_j (expand):
+// cost follows r_j, not r_max.
 //
 // Shrink: block = (64 tokens, K chunk, slice x rank tile of BR); K is split over
 // the grid so that a few hundred blocks run, partial sums meet in the fp32 h
@@ -59,104 +61,12 @@ __device__ __forceinline__ void stage_tile(T* dst, int lds, const T* __restrict_
   }
 }
 
-template <typename T, int BR, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    shrink_tiles_kernel(const T* __restrict__ x, SlicePack<T> a, float* __restrict__ h, int64_t M, int64_t K,
-                        int64_t k_chunk, int rank_tiles, AdapterIndex index) {
-  constexpr int BK = 32, LDS = BK + 8, LDC = BR + 4;
-  __shared__ __align__(32) T xs[kRows * LDS];
-  __shared__ __align__(32) T as[BR * LDS];
-  __shared__ __align__(32) float cs[kRows * LDC];
-  const int warp = threadIdx.x / 32;
-  const int64_t row0 = int64_t(blockIdx.x) * kRows;
-  const int64_t row_end = M < row0 + kRows ? M : row0 + kRows;
-  const int s = blockIdx.z / rank_tiles;
-  const int64_t rank0 = int64_t(blockIdx.z % rank_tiles) * BR;
-  const int64_t kbeg = int64_t(blockIdx.y) * k_chunk;
-  const int64_t kend = K < kbeg + k_chunk ? K : kbeg + k_chunk;
-  const int64_t r_max = index.r_max;
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BR / 16];
-#pragma unroll
-  for (int q = 0; q < BR / 16; ++q) wmma::fill_fragment(acc[q], 0.f);
-
-  // Every value below is the same for all threads: the loops and barriers are uniform.
-  bool any = false;
-  int64_t seg_first, seg_last;
-  index.segments_overlapping(row0, row_end, seg_first, seg_last);
-  for (int64_t seg = seg_first; seg <= seg_last; ++seg) {
-    int64_t lo, hi;
-    index.segment_range(seg, M, lo, hi);
-    lo = lo > row0 ? lo : row0;
-    hi = hi < row_end ? hi : row_end;
-    if (lo >= hi) continue;
-    const int64_t j = index.segment_adapter(seg);
-    if (j < 0) continue;
-    const int64_t r = index.rank_of(j);
-    if (r <= rank0) continue;  // this rank tile is past the adapter's rank
-    any = true;
-    const T* aj = a.pool[s] + j * r_max * K;
-    for (int64_t k = kbeg; k < kend; k += BK) {
-      stage_tile<T, kRows, BK, kVec>(xs, LDS, x, K, row0, lo, hi, k, K);
-      stage_tile<T, BR, BK, kVec>(as, LDS, aj, K, rank0, 0, r, k, K);
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fx;
-        wmma::load_matrix_sync(fx, xs + warp * 16 * LDS + kk, LDS);
-#pragma unroll
-        for (int q = 0; q < BR / 16; ++q) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fa;  // A^T: [k][rank]
-          wmma::load_matrix_sync(fa, as + q * 16 * LDS + kk, LDS);
-          wmma::mma_sync(acc[q], fx, fa, acc[q]);
-        }
-      }
-      __syncthreads();
-    }
-  }
-  if (!any) return;  // h is already zero here
-#pragma unroll
-  for (int q = 0; q < BR / 16; ++q) {
-    wmma::store_matrix_sync(cs + warp * 16 * LDC + q * 16, acc[q], LDC, wmma::mem_row_major);
-  }
-  __syncthreads();
-  const bool split = gridDim.y > 1;
-  float* hs = h + int64_t(s) * M * r_max;
-  for (int e = threadIdx.x; e < kRows * BR; e += kThreads) {
-    const int64_t gr = row0 + e / BR, gk = rank0 + e % BR;
-    if (gr >= row_end || gk >= r_max) continue;
-    const float v = cs[(e / BR) * LDC + e % BR];
-    if (split) {
-      atomicAdd(hs + gr * r_max + gk, v);
-    } else {
-      hs[gr * r_max + gk] += v;
-    }
-  }
-}
-
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    expand_tiles_kernel(T* __restrict__ y, int64_t ld_y, const float* __restrict__ h, SlicePack<T> b,
-                        const float* __restrict__ scales, int64_t M, AdapterIndex index) {
-  constexpr int BN = 64, BKr = 32, LDS = BKr + 8, LDC = BN + 4;
-  __shared__ __align__(32) T hs[kRows * LDS];
-  __shared__ __align__(32) T bs[BN * LDS];
-  __shared__ __align__(32) float cs[kRows * LDC];
-  const int warp = threadIdx.x / 32;
-  const int s = blockIdx.z;
-  const int64_t N = b.n_out[s];
-  const int64_t col0 = int64_t(blockIdx.y) * BN;
-  if (col0 >= N) return;
-  const int64_t row0 = int64_t(blockIdx.x) * kRows;
-  const int64_t row_end = M < row0 + kRows ? M : row0 + kRows;
-  const int64_t r_max = index.r_max;
-  const float* hsl = h + int64_t(s) * M * r_max;
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BN / 16];
-#pragma unroll
-  for (int q = 0; q < BN / 16; ++q) wmma::fill_fragment(acc[q], 0.f);
-
-  bool any = false;
+// Calls pass(lo, hi, j, r) for every segment that overlaps the tile [row0, row_end)
+// and has an adapter j of rank r > 0, with [lo, hi) clipped to the tile. Every value
+// is the same for all threads of the block: the passes and their barriers are uniform.
+template <typename Pass>
+__device__ __forceinline__ void for_each_tile_segment(const AdapterIndex& index, int64_t M, int64_t row0,
+                                                      int64_t row_end, Pass&& pass) {
   int64_t seg_first, seg_last;
   index.segments_overlapping(row0, row_end, seg_first, seg_last);
   for (int64_t seg = seg_first; seg <= seg_last; ++seg) {
@@ -169,45 +79,161 @@ __global__ void __launch_bounds__(kThreads)
     if (j < 0) continue;
     const int64_t r = index.rank_of(j);
     if (r == 0) continue;
-    any = true;
+    pass(lo, hi, j, r);
+  }
+}
+
+// Whether the 16 tile rows of `warp` meet tokens [lo, hi): other warps skip the
+// pass's MMAs (warp-uniform, so the collective WMMA calls stay legal).
+__device__ __forceinline__ bool warp_meets(int warp, int64_t row0, int64_t lo, int64_t hi) {
+  const int64_t w0 = row0 + 16 * warp;
+  return w0 < hi && w0 + 16 > lo;
+}
+
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// acc[q] += (this warp's 16 rows of `rows`) x (rows 16q..16q+15 of `cols`)^T over BK,
+// both staged row-major in shared memory with lds elements per row. Fragments
+// from column `live` on are skipped (past the adapter's rank or the output's
+// edge: their operand is zero and they are never written).
+template <typename T, int NQ, int BK>
+__device__ __forceinline__ void mma_step(Accumulator (&acc)[NQ], const T* rows, const T* cols, int lds, int warp,
+                                         int64_t live) {
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fr;
+    wmma::load_matrix_sync(fr, rows + warp * 16 * lds + kk, lds);
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      if (q * 16 >= live) break;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fc;
+      wmma::load_matrix_sync(fc, cols + q * 16 * lds + kk, lds);
+      wmma::mma_sync(acc[q], fr, fc, acc[q]);
+    }
+  }
+}
+
+// Shared-memory row pitch (floats) of a pass's kRows x (16 * NQ) result.
+template <int NQ>
+constexpr int result_ld() {
+  return 16 * NQ + 4;
+}
+
+// Ends a pass over segment [lo, hi): the accumulators go to shared memory cs
+// (kRows x result_ld<NQ>() floats), then write(row, col, value) is called for
+// the tokens in [lo, hi) and columns below `cols` only. The pass also computed
+// rows of other segments (0 * Inf = NaN when its adapter holds Inf); those are
+// dropped here, never added, so one adapter's values cannot reach another's tokens.
+template <int NQ, typename Write>
+__device__ __forceinline__ void write_segment_rows(float* cs, Accumulator (&acc)[NQ], int64_t row0, int64_t lo,
+                                                   int64_t hi, int cols, Write&& write) {
+  constexpr int W = 16 * NQ, LDC = result_ld<NQ>();
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) {
+    wmma::store_matrix_sync(cs + warp * 16 * LDC + q * 16, acc[q], LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+  const int first = static_cast<int>(lo - row0), count = static_cast<int>(hi - lo);
+  for (int e = threadIdx.x; e < count * W; e += kThreads) {
+    const int tr = first + e / W, tc = e % W;
+    if (tc < cols) write(row0 + tr, tc, cs[tr * LDC + tc]);
+  }
+  __syncthreads();  // the next pass overwrites cs
+}
+
+template <typename T, int BR, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    shrink_tiles_kernel(const T* __restrict__ x, SlicePack<T> a, float* __restrict__ h, int64_t M, int64_t K,
+                        int64_t k_chunk, int rank_tiles, AdapterIndex index) {
+  constexpr int BK = 32, LDS = BK + 8, NQ = BR / 16;
+  __shared__ __align__(32) T xs[kRows * LDS];
+  __shared__ __align__(32) T as[BR * LDS];
+  __shared__ __align__(32) float cs[kRows * result_ld<NQ>()];
+  const int warp = threadIdx.x / 32;
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  const int64_t row_end = M < row0 + kRows ? M : row0 + kRows;
+  const int s = blockIdx.z / rank_tiles;
+  const int64_t rank0 = int64_t(blockIdx.z % rank_tiles) * BR;
+  const int64_t kbeg = int64_t(blockIdx.y) * k_chunk;
+  const int64_t kend = K < kbeg + k_chunk ? K : kbeg + k_chunk;
+  const int64_t r_max = index.r_max;
+  const bool split = gridDim.y > 1;  // K-split partials meet in h through atomicAdd
+  float* hs = h + int64_t(s) * M * r_max;
+
+  for_each_tile_segment(index, M, row0, row_end, [&](int64_t lo, int64_t hi, int64_t j, int64_t r) {
+    if (r <= rank0) return;  // this rank tile is past the adapter's rank: h stays 0
+    Accumulator acc[NQ];
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) wmma::fill_fragment(acc[q], 0.f);
+    const bool active = warp_meets(warp, row0, lo, hi);
+    const T* aj = a.pool[s] + j * r_max * K;
+    for (int64_t k = kbeg; k < kend; k += BK) {
+      stage_tile<T, kRows, BK, kVec>(xs, LDS, x, K, row0, lo, hi, k, K);
+      stage_tile<T, BR, BK, kVec>(as, LDS, aj, K, rank0, 0, r, k, K);
+      __syncthreads();
+      if (active) mma_step<T, NQ, BK>(acc, xs, as, LDS, warp, r - rank0);
+      __syncthreads();
+    }
+    // Columns at or past r stay 0 in h, as in the reference.
+    const int cols = static_cast<int>(r - rank0 < BR ? r - rank0 : BR);
+    write_segment_rows<NQ>(cs, acc, row0, lo, hi, cols, [&](int64_t gr, int tc, float v) {
+      float* p = hs + gr * r_max + rank0 + tc;
+      if (split) {
+        atomicAdd(p, v);
+      } else {
+        *p += v;
+      }
+    });
+  });
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    expand_tiles_kernel(T* __restrict__ y, int64_t ld_y, const float* __restrict__ h, SlicePack<T> b,
+                        const float* __restrict__ scales, int64_t M, AdapterIndex index) {
+  constexpr int BN = 64, BKr = 32, LDS = BKr + 8, NQ = BN / 16;
+  __shared__ __align__(32) T hsm[kRows * LDS];
+  __shared__ __align__(32) T bs[BN * LDS];
+  __shared__ __align__(32) float cs[kRows * result_ld<NQ>()];
+  const int warp = threadIdx.x / 32;
+  const int s = blockIdx.z;
+  const int64_t N = b.n_out[s];
+  const int64_t col0 = int64_t(blockIdx.y) * BN;
+  if (col0 >= N) return;  // block-uniform, before any barrier
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  const int64_t row_end = M < row0 + kRows ? M : row0 + kRows;
+  const int64_t r_max = index.r_max;
+  const float* hsl = h + int64_t(s) * M * r_max;
+  T* ys = y + b.col_off[s] + col0;
+  const int cols = static_cast<int>(N - col0 < BN ? N - col0 : BN);
+
+  for_each_tile_segment(index, M, row0, row_end, [&](int64_t lo, int64_t hi, int64_t j, int64_t r) {
+    Accumulator acc[NQ];
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) wmma::fill_fragment(acc[q], 0.f);
+    const bool active = warp_meets(warp, row0, lo, hi);
     const float scale = scales[j];
     const T* bj = b.pool[s] + j * N * r_max;
     for (int64_t k0 = 0; k0 < r; k0 += BKr) {
+      // scale_j * h rounded to T as it is staged; zero outside the segment and past r.
       for (int e = threadIdx.x; e < kRows * BKr; e += kThreads) {
         const int tr = e / BKr, tc = e % BKr;
         const int64_t gr = row0 + tr, gk = k0 + tc;
         const float v = (gr >= lo && gr < hi && gk < r) ? scale * hsl[gr * r_max + gk] : 0.f;
-        hs[tr * LDS + tc] = cuda::from_float<T>(v);
+        hsm[tr * LDS + tc] = cuda::from_float<T>(v);
       }
       stage_tile<T, BN, BKr, kVec>(bs, LDS, bj, r_max, col0, 0, N, k0, r);
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BKr; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh;
-        wmma::load_matrix_sync(fh, hs + warp * 16 * LDS + kk, LDS);
-#pragma unroll
-        for (int q = 0; q < BN / 16; ++q) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B_j^T: [rank][col]
-          wmma::load_matrix_sync(fb, bs + q * 16 * LDS + kk, LDS);
-          wmma::mma_sync(acc[q], fh, fb, acc[q]);
-        }
-      }
+      if (active) mma_step<T, NQ, BKr>(acc, hsm, bs, LDS, warp, cols);
       __syncthreads();
     }
-  }
-  if (!any) return;  // y unchanged
-#pragma unroll
-  for (int q = 0; q < BN / 16; ++q) {
-    wmma::store_matrix_sync(cs + warp * 16 * LDC + q * 16, acc[q], LDC, wmma::mem_row_major);
-  }
-  __syncthreads();
-  T* ys = y + b.col_off[s];
-  for (int e = threadIdx.x; e < kRows * BN; e += kThreads) {
-    const int64_t gr = row0 + e / BN, gc = col0 + e % BN;
-    if (gr >= row_end || gc >= N) continue;
-    T* p = ys + gr * ld_y + gc;
-    *p = cuda::from_float<T>(cuda::to_float(*p) + cs[(e / BN) * LDC + e % BN]);
-  }
+    // One writer per element of y: the block owns these columns and each token is in one segment.
+    write_segment_rows<NQ>(cs, acc, row0, lo, hi, cols, [&](int64_t gr, int tc, float v) {
+      T* p = ys + gr * ld_y + tc;
+      *p = cuda::from_float<T>(cuda::to_float(*p) + v);
+    });
+  });
 }
 
 unsigned grid_dim(int64_t v, int64_t limit, const char* what) {

@@ -152,15 +152,28 @@ __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restri
 
 // out[R, K] += alpha * D[M, R]^T @ dropout(X)[M, K]. Block: BR ranks x 128
 // columns, an M range of m_chunk (a multiple of 32); warp w owns columns 32w..32w+31.
-template <typename T, int BR, bool kVec>
+// kAlsoRows: the same pass over X also adds rows_out[M, R] += alpha * X @ Bop
+// (Bop [K, R], the block's 128 rows of it held in shared memory), so that
+// LoRA's backward gets dh = s*dy@B and dB^T = s*h^T@dy from one read of dy.
+template <typename T, int BR, bool kVec, bool kAlsoRows>
 __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restrict__ D, const T* __restrict__ X,
-                                                              float* __restrict__ out, int64_t M, int64_t K,
+                                                              const T* __restrict__ Bop, float* __restrict__ out,
+                                                              float* __restrict__ rows_out, int64_t M, int64_t K,
                                                               int64_t R, int64_t m_chunk, float alpha,
                                                               DeviceDropout drop) {
-  constexpr int BMc = 32, BKc = 128, LDX = BKc + 8, LDD = BR + 8, LDC = BKc + 4;
-  __shared__ __align__(32) T ds[BMc * LDD];
-  __shared__ __align__(32) T xs[BMc * LDX];
-  __shared__ __align__(32) float cs[BR * LDC];
+  constexpr int BMc = 32, BKc = 128, LDX = BKc + 8, LDD = BR + 8, LDC = BKc + 4, LDB = BR + 8, LDP = BR + 4;
+  // Shared memory: ds | xs | bs | ps while streaming; the final fp32 tile cs
+  // reuses the space from xs on (every region is a multiple of 32 bytes).
+  constexpr int kDsBytes = BMc * LDD * sizeof(T), kXsBytes = BMc * LDX * sizeof(T);
+  constexpr int kBsBytes = kAlsoRows ? BKc * LDB * sizeof(T) : 0, kPsBytes = kAlsoRows ? BMc * LDP * 4 : 0;
+  constexpr int kStreamBytes = kXsBytes + kBsBytes + kPsBytes, kCsBytes = BR * LDC * 4;
+  __shared__ __align__(128) unsigned char smem[kDsBytes + (kStreamBytes > kCsBytes ? kStreamBytes : kCsBytes)];
+  T* ds = reinterpret_cast<T*>(smem);
+  T* xs = reinterpret_cast<T*>(smem + kDsBytes);
+  T* bs = reinterpret_cast<T*>(smem + kDsBytes + kXsBytes);
+  float* ps = reinterpret_cast<float*>(smem + kDsBytes + kXsBytes + kBsBytes);
+  float* cs = reinterpret_cast<float*>(smem + kDsBytes);
+
   const int warp = threadIdx.x / 32;
   const int64_t col0 = int64_t(blockIdx.x) * BKc;
   const int64_t rank0 = int64_t(blockIdx.y) * BR;
@@ -175,6 +188,11 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
     wmma::fill_fragment(acc[i][1], 0.f);
   }
 
+  if constexpr (kAlsoRows) {  // Bop rows col0..col0+127, ranks rank0..rank0+BR-1: loaded once
+    TileLoader<T, BKc, BR, false> bl;
+    bl.load(Bop, K, R, col0, rank0, no_drop);
+    bl.store(bs, LDB);
+  }
   TileLoader<T, BMc, BR, false> dl;  // rank count is arbitrary: element loads
   TileLoader<T, BMc, BKc, kVec> xl;
   if (mbeg < mend) {
@@ -201,6 +219,31 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
         wmma::load_matrix_sync(a, ds + mm * LDD + i * 16, LDD);
         wmma::mma_sync(acc[i][0], a, b[0], acc[i][0]);
         wmma::mma_sync(acc[i][1], a, b[1], acc[i][1]);
+      }
+    }
+    if constexpr (kAlsoRows) {
+      // rows_out tile [32 rows x BR ranks] = xs [32 x 128] @ bs [128 x BR]: 2 x BR/16
+      // fragments shared out over the warps, staged in ps, added to global memory.
+      constexpr int kFragments = 2 * (BR / 16);
+      for (int f = warp; f < kFragments; f += kThreads / 32) {
+        const int fr = f % 2, fc = f / 2;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+        wmma::fill_fragment(part, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < BKc; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> xa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bb;
+          wmma::load_matrix_sync(xa, xs + fr * 16 * LDX + kk, LDX);
+          wmma::load_matrix_sync(bb, bs + kk * LDB + fc * 16, LDB);
+          wmma::mma_sync(part, xa, bb, part);
+        }
+        wmma::store_matrix_sync(ps + fr * 16 * LDP + fc * 16, part, LDP, wmma::mem_row_major);
+      }
+      __syncthreads();
+      const bool atomic_rows = gridDim.x > 1;  // column blocks each add their share
+      for (int i = threadIdx.x; i < BMc * BR; i += kThreads) {
+        const int64_t gr = m + i / BR, gc = rank0 + i % BR;
+        if (gr < mend && gc < R) accumulate(rows_out + gr * R + gc, alpha * ps[(i / BR) * LDP + i % BR], atomic_rows);
       }
     }
     __syncthreads();
@@ -267,11 +310,13 @@ void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tenso
   });
 }
 
-void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor& out, double alpha,
-                           const DropoutParams& drop) {
-  check_skinny_args(D, "D", X, "X", out);
+namespace {
+
+// Launches skinny_cols_kernel; Bop and rows_out only when kAlsoRows.
+template <bool kAlsoRows>
+void launch_cols_kernel(const at::Tensor& D, const at::Tensor& X, const at::Tensor* Bop, at::Tensor& out,
+                        at::Tensor* rows_out, double alpha, const DropoutParams& drop) {
   const int64_t M = X.size(0), K = X.size(1), R = D.size(1);
-  TORCH_CHECK(D.size(0) == M && out.size(0) == R && out.size(1) == K, "skinny_cols_gemm: shape mismatch");
   if (M == 0 || R == 0 || K == 0) return;
   const c10::cuda::CUDAGuard guard(X.device());
   const bool vec = K % 8 == 0 && cuda::aligned16(X.const_data_ptr());
@@ -285,13 +330,36 @@ void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor&
         const int64_t chunk = reduction_chunk(M, 32, gx * gy);
         const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
                         static_cast<unsigned>(cuda::ceil_div(M, chunk)));
-        skinny_cols_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+        skinny_cols_kernel<T, BR, decltype(v)::value, kAlsoRows><<<grid, kThreads, 0, stream>>>(
             reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
-            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha * drop.scale), to_device(drop));
+            kAlsoRows ? reinterpret_cast<const T*>(Bop->const_data_ptr()) : nullptr, out.mutable_data_ptr<float>(),
+            kAlsoRows ? rows_out->mutable_data_ptr<float>() : nullptr, M, K, R, chunk,
+            static_cast<float>(alpha * drop.scale), to_device(drop));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
+}
+
+}  // namespace
+
+void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor& out, double alpha,
+                           const DropoutParams& drop) {
+  check_skinny_args(D, "D", X, "X", out);
+  const int64_t M = X.size(0), K = X.size(1), R = D.size(1);
+  TORCH_CHECK(D.size(0) == M && out.size(0) == R && out.size(1) == K, "skinny_cols_gemm: shape mismatch");
+  launch_cols_kernel<false>(D, X, nullptr, out, nullptr, alpha, drop);
+}
+
+void skinny_rows_cols_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, const at::Tensor& D,
+                                at::Tensor& rows_out, at::Tensor& cols_out, double alpha) {
+  check_skinny_args(D, "D", X, "X", cols_out);
+  check_skinny_args(Bop, "Bop", X, "X", rows_out);
+  const int64_t M = X.size(0), K = X.size(1), R = D.size(1);
+  TORCH_CHECK(D.size(0) == M && Bop.size(0) == K && Bop.size(1) == R && rows_out.size(0) == M &&
+                  rows_out.size(1) == R && cols_out.size(0) == R && cols_out.size(1) == K,
+              "skinny_rows_cols_gemm: shape mismatch");
+  launch_cols_kernel<true>(D, X, &Bop, cols_out, &rows_out, alpha, DropoutParams{});
 }
 
 }  // namespace lrk

@@ -16,6 +16,7 @@ adapter: g = m / ||W + s B A|| (detached) scales the adapted output.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,11 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
             peft_params.append(peft_layer.lora_magnitude_vector["default"].weight)
         contenders["peft"] = (peft_layer, peft_params)
     contenders["lrk"] = (lrk_fwd, [x] + adapter_params)
+    portable_only = {}
+    if device == "cuda":
+        # The same op with the Hopper kernels switched off (same as "lrk" on other GPUs).
+        contenders["lrk portable"] = (lrk_fwd, [x] + adapter_params)
+        portable_only["lrk portable"] = {"LRK_DISABLE_SM90": "1"}
 
     case = f"{M}x{K}x{N} r{r}" + (f" p{p}" if p else "") + (" dora" if use_dora else "")
     flops_base = 4.0 * M * N * K
@@ -110,6 +116,8 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
     for name, (fn, params) in contenders.items():
         def fwd_bwd(fn=fn):
             fn(x).backward(dy)
+        saved_env = {k: os.environ.get(k) for k in portable_only.get(name, {})}
+        os.environ.update(portable_only.get(name, {}))
         try:
             fwd_bwd()  # compile / warm
             ms = time_ms(fwd_bwd, device, grad_to_none=params)
@@ -117,6 +125,12 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
             note = ""
         except Exception as exc:  # report, keep going
             ms, mem, note = None, None, f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         flops = flops_base if name == "base" else flops_lora
         results.append(Result(case=case, contender=name, ms=ms,
                               tflops=flops / ms / 1e9 if ms else None, gbps=nbytes / ms / 1e6 if ms else None,

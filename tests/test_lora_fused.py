@@ -5,7 +5,7 @@ import torch
 
 import lrk
 from lrk import reference as ref
-from conftest import DEVICES
+from conftest import CUDA_SKIP, DEVICES
 from helpers import assert_close, lora_inputs as _inputs, poison_cuda_allocator, reference_leaves
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
@@ -24,15 +24,23 @@ SHAPES = [
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead,K,N,r", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
-    if dtype == torch.float64 and device == "cuda" and lead[0] > 100:
-        pytest.skip("fp64 on CUDA is covered by the small shapes")
+# The Hopper path (sm_90a builds on an H100/H200, bf16/fp16) needs K and N
+# multiples of 8. These shapes cross its tile edges: M past the 128-row tile,
+# N past a 256-column tile, K past a 64-deep k-tile, ranks whose rows need
+# padding, the bias column (k2 = r + 1), and r = 256 with a bias, one column
+# too many for the kernel, which must fall back to the portable path.
+HOPPER_SHAPES = [
+    ((300,), 1032, 776, 5),
+    ((257,), 384, 264, 200),
+    ((2, 48), 2056, 136, 17),
+    ((129,), 64, 8, 1),
+    ((65,), 128, 128, 256),
+]
+
+
+def check_against_reference(device, dtype, lead, K, N, r, p, bias=True):
     scale, seed = 1.7, int(torch.randint(0, 2**40, ()).item())
-    x, w, b, a, bb = _inputs(lead, K, N, r, dtype, device, weight_grad=(r == 3))
+    x, w, b, a, bb = _inputs(lead, K, N, r, dtype, device, bias=bias, weight_grad=(r == 3))
     poison_cuda_allocator(device)
     y = lrk.lora_fused(x, w, b, a, bb, scale, p, seed)
     leaf = reference_leaves(x, w, b, a, bb)
@@ -55,6 +63,29 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
         assert t.grad is not None, f"no gradient for {name}"
         assert t.grad.dtype == dtype and t.grad.shape == t.shape
         assert_close(t.grad, t_ref.grad, dtype, f"grad {name}", factor, magnitude=t_abs.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
+    if dtype == torch.float64 and device == "cuda" and lead[0] > 100:
+        pytest.skip("fp64 on CUDA is covered by the small shapes")
+    check_against_reference(device, dtype, lead, K, N, r, p)
+
+
+@CUDA_SKIP
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["hopper", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,K,N,r", HOPPER_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
+    # On other GPUs (or builds without sm_90a) both settings take the portable path.
+    monkeypatch.setenv("LRK_DISABLE_SM90", "1" if path == "portable" else "0")
+    check_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)

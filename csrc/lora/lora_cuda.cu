@@ -7,18 +7,84 @@
 // its epilogue is almost free, where adding the term afterwards would cost a
 // full read-modify-write pass over y (or dx). fp32/fp64 take the same steps
 // through ATen (exact fp32 unless the user enabled TF32).
+//
+// On Hopper (sm_90a builds, bf16/fp16) the low-rank term goes inside the base
+// GEMM instead, as extra reduction columns: y = [x | s*h | 1] @ [W | B | bias]^T
+// and dx = [dy | dh] @ [W ; A] (lora/sm90/concat_k_gemm.h), so y and dx are
+// written once and never read back. LRK_DISABLE_SM90=1 keeps the portable path.
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
+#include "common/autocast.h"
 #include "common/dropout.h"
 #include "common/skinny_gemm.h"
 #include "lora/lora_checks.h"
-#include "common/autocast.h"
+#include "lora/lora_pack.h"
+#ifdef LRK_HAVE_SM90_KERNELS
+#include "lora/sm90/concat_k_gemm.h"
+#endif
 
 namespace lrk {
 namespace {
 
 bool use_skinny_kernels(const at::Tensor& x) { return is_half_precision(x.scalar_type()); }
+
+// Whether to try the Hopper concatenated-K GEMMs (they still check their operands).
+bool hopper_path_wanted(const at::Tensor& x) {
+#ifdef LRK_HAVE_SM90_KERNELS
+  const char* off = std::getenv("LRK_DISABLE_SM90");  // read per call: tests compare both paths
+  if (off != nullptr && std::strcmp(off, "1") == 0) return false;
+  const auto* props = at::cuda::getDeviceProperties(x.get_device());
+  return use_skinny_kernels(x) && props->major == 9 && props->minor == 0;
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+#ifdef LRK_HAVE_SM90_KERNELS
+// y = [x | s*h | 1] @ [W | B | bias]^T in one GEMM; also h (rounded) for backward.
+// False (nothing written) when the operands do not suit the kernel.
+bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& b, const at::Tensor& h32,
+                    double scale, at::Tensor& y, at::Tensor& h) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t k2 = d.r + (has_bias ? 1 : 0);
+  const int64_t pitch = tma_pitch(k2);
+  at::Tensor factor = b;  // B's rows serve as they are when nothing is appended and the pitch suits TMA
+  if (has_bias || pitch != d.r) {
+    factor = at::zeros({d.N, pitch}, b.options());
+    factor.narrow(1, 0, d.r).copy_(b);
+    if (has_bias) factor.select(1, d.r).copy_(*bias);
+  }
+  at::Tensor packed = at::empty({d.M, pitch}, x2.options());
+  const auto layout = sm90::FactorLayout::kOutputsByReduction;
+  if (!sm90::concat_k_gemm_supported(x2, w, packed, k2, factor, layout, y)) return false;
+  h = at::empty({d.M, d.r}, x2.options());
+  pack_scaled_rows_cuda(h32, scale, has_bias, packed, &h);
+  sm90::concat_k_gemm(x2, w, packed, k2, factor, layout, y);
+  return true;
+}
+
+// dx = [dy | dh] @ [W ; A] in one GEMM (no dropout: its mask applies to dh @ A alone).
+// dh is [M, r]; when its pitch does not suit TMA, a padded copy is made from dh32.
+bool grad_x_hopper(const LoraDims& d, const at::Tensor& dy, const at::Tensor& w, const at::Tensor& a,
+                   const at::Tensor& dh32, const at::Tensor& dh, at::Tensor& gx) {
+  at::Tensor dh_rows = dh;
+  if (tma_pitch(d.r) != d.r) {
+    dh_rows = at::empty({d.M, tma_pitch(d.r)}, dh.options());
+  }
+  const auto layout = sm90::FactorLayout::kReductionByOutputs;
+  if (!sm90::concat_k_gemm_supported(dy, w, dh_rows, d.r, a, layout, gx)) return false;
+  if (!dh_rows.is_same(dh)) pack_scaled_rows_cuda(dh32, 1.0, false, dh_rows, nullptr);
+  sm90::concat_k_gemm(dy, w, dh_rows, d.r, a, layout, gx);
+  return true;
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> lora_fused_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
@@ -33,16 +99,21 @@ std::tuple<at::Tensor, at::Tensor> lora_fused_fwd_cuda(const at::Tensor& x, cons
   const at::Tensor b = lora_b.contiguous();
 
   at::Tensor h;
+  at::Tensor y = at::empty({d.M, d.N}, x.options());
   if (use_skinny_kernels(x)) {
     at::Tensor h32 = at::zeros({d.M, d.r}, x.options().dtype(at::kFloat));
     skinny_rows_gemm_cuda(x2, a, h32, 1.0, make_dropout_params(dropout_p, seed));
+#ifdef LRK_HAVE_SM90_KERNELS
+    if (hopper_path_wanted(x) && forward_hopper(d, x2, w, bias, b, h32, scale, y, h)) {
+      return {y.reshape(with_last_dim(x, d.N)), h.reshape(with_last_dim(x, d.r))};
+    }
+#endif
     h = h32.to(x.scalar_type());
   } else {
     const at::Tensor x_drop = dropout_p > 0 ? philox_dropout_cuda(x2, dropout_p, seed) : x2;
     h = at::mm(x_drop, a.t());
   }
   // y = bias + scale * h @ B^T, then y += x @ W^T.
-  at::Tensor y = at::empty({d.M, d.N}, x.options());
   if (bias.has_value() && bias->defined()) {
     at::addmm_out(y, bias->expand({d.M, d.N}), h, b.t(), /*beta=*/1.0, /*alpha=*/scale);
   } else {
@@ -65,14 +136,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
   const at::Tensor a = lora_a.contiguous();
   const auto dtype = x.scalar_type();
 
-  at::Tensor dh, grad_a, grad_b;
+  at::Tensor dh, dh32, grad_a, grad_b;
   if (use_skinny_kernels(x)) {
     const auto f32 = x.options().dtype(at::kFloat);
-    const DropoutParams none{};
-    at::Tensor dh32 = at::zeros({d.M, d.r}, f32);
-    skinny_rows_gemm_cuda(dy, lora_b.t().contiguous(), dh32, scale, none);  // dh = s * dy @ B
+    dh32 = at::zeros({d.M, d.r}, f32);
     at::Tensor gbt32 = at::zeros({d.r, d.N}, f32);
-    skinny_cols_gemm_cuda(h2, dy, gbt32, scale, none);  // dB^T = s * h^T @ dy
+    // dh = s * dy @ B and dB^T = s * h^T @ dy from one read of dy.
+    skinny_rows_cols_gemm_cuda(dy, lora_b.contiguous(), h2, dh32, gbt32, scale);
     dh = dh32.to(dtype);
     at::Tensor ga32 = at::zeros({d.r, d.K}, f32);
     skinny_cols_gemm_cuda(dh, x2, ga32, 1.0, make_dropout_params(dropout_p, seed));  // dA = dh^T @ x~
@@ -87,6 +157,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
 
   at::Tensor grad_x = at::empty({0}, x.options());
   if (need_grad_x) {
+#ifdef LRK_HAVE_SM90_KERNELS
+    if (dropout_p == 0 && hopper_path_wanted(x)) {
+      at::Tensor gx = at::empty({d.M, d.K}, x.options());
+      if (grad_x_hopper(d, dy, weight.contiguous(), a, dh32, dh, gx)) {
+        return {gx.reshape(x.sizes()), grad_a, grad_b};
+      }
+    }
+#endif
     // dx = dropout(dh @ A) + dy @ W, the big GEMM last (beta = 1).
     at::Tensor gx = at::mm(dh, a);
     if (dropout_p > 0) dropout_cuda_(gx, dropout_p, seed);

@@ -145,8 +145,13 @@ def test_row_chunks_give_the_same_result(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device):
-    args = kron_inputs((2, 3), 3, 2, 3, 4, 2, torch.float64, device, base_grad=True)
+@pytest.mark.parametrize("lead,k,m1,n1,m2,n2", [
+    ((2, 3), 3, 2, 3, 4, 2),
+    ((3,), 1, 1, 4, 3, 2),    # m1 = 1, one term
+    ((2,), 64, 2, 1, 1, 3),   # 64 terms, n1 = m2 = 1
+])
+def test_gradcheck(device, lead, k, m1, n1, m2, n2):
+    args = kron_inputs(lead, k, m1, n1, m2, n2, torch.float64, device, base_grad=True)
     fn = lambda *t: lrk.kron_ops.kron_linear(*t, 0.8)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
 

@@ -44,6 +44,33 @@ def test_kpsvd_init_keeps_the_output_and_holds_the_principal_part(device, dtype)
                           ref.kpsvd(w0.double().cpu(), 4, 5, 4, 6, 3)[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("factors,terms", [
+    ((1, 20, 4, 6), 4),     # m1 = 1, all the terms R(W) [4, 120] has: exact, zero residual
+    ((10, 2, 1, 12), 1),    # n1 = 1, one term
+    ((2, 10, 8, 3), 6),     # non-square factors
+    ((4, 5, 4, 6), 16),     # the maximum number of terms
+])
+def test_awkward_factorizations(factors, terms):
+    """KPSVD init on unbalanced factorisations: output unchanged, adapter = the optimal
+    `terms`-term approximation, and a training step reaches every factor."""
+    n_out, n_in = factors[0] * factors[1], factors[2] * factors[3]
+    base = _base(n_out, n_in)
+    w0 = base.weight.detach().clone()
+    x = _x(5, n_in)
+    y0 = base(x).detach()
+    layer = KronLinear(base, terms=terms, factors=factors)
+    torch.testing.assert_close(layer(x), y0)
+    err = (w0 - layer.delta_weight()).norm()
+    torch.testing.assert_close(err, ref.kpsvd_error(w0, *factors, terms), rtol=1e-9, atol=1e-10)
+    if terms == min(factors[0] * factors[2], factors[1] * factors[3]):
+        assert base.weight.abs().max() < 1e-10  # nothing left in the residual
+    layer(x).square().sum().backward()
+    for p in (layer.kron_u, layer.kron_v, layer.kron_sigma):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    layer.merge()
+    torch.testing.assert_close(base.weight, w0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_init_starts_at_the_base_layer_and_trains_every_factor(device):
     base = _base(device=device)
@@ -55,10 +82,13 @@ def test_zero_init_starts_at_the_base_layer_and_trains_every_factor(device):
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     target = _x(9, 20, device=device)
     losses = []
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
         loss = (layer(x) - target).square().mean()
         loss.backward()
+        if step == 0:  # v = 0: only v has a gradient at first (LoRA's zero-B rule)
+            assert layer.kron_v.grad.abs().sum() > 0
+            assert layer.kron_u.grad.abs().sum() == 0 and layer.kron_sigma.grad.abs().sum() == 0
         losses.append(loss.item())
         opt.step()
     for p in (layer.kron_u, layer.kron_v, layer.kron_sigma):
@@ -198,6 +228,19 @@ def test_loads_peft_lokr(r, decompose_both):
     assert_close(layer(x), y, torch.float32, "from_peft_lokr")
     from_sd = KronLinear.from_lokr_state_dict(base, peft_layer.state_dict(), alpha=4.0, r=r)
     assert_close(from_sd(x), y, torch.float32, "from_lokr_state_dict")
+
+
+def test_lokr_factors_of_the_wrong_shape():
+    base = _base(20, 24, dtype=torch.float32)
+    sd = {"lokr_w1": torch.randn(3, 4), "lokr_w2": torch.randn(5, 6)}
+    with pytest.raises(ValueError, match=r"lokr_w1, lokr_w2: expected kron\(w1, w2\) of the base weight's shape "
+                                         r"\(20, 24\), got w1 \(3, 4\) and w2 \(5, 6\), whose Kronecker product is \(15, 24\)"):
+        KronLinear.from_lokr_state_dict(base, sd, alpha=1.0, r=1)
+    with pytest.raises(KeyError, match="expected lokr_w2 or both lokr_w2_a and lokr_w2_b"):
+        KronLinear.from_lokr_state_dict(base, {"lokr_w1": torch.randn(4, 4), "lokr_w2_a": torch.randn(5, 2)},
+                                        alpha=1.0, r=2)
+    with pytest.raises(ValueError, match="r: expected a positive LoKr rank"):
+        KronLinear.from_lokr_state_dict(base, sd, alpha=1.0, r=0)
 
 
 def test_loads_a_saved_peft_lokr_adapter():

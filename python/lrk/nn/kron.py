@@ -48,7 +48,8 @@ class KronLinear(BaseLayerView, nn.Module):
         ``W - sum_t sigma_t u_t ⊗ v_t`` (as PiSSA does with the SVD), so the layer's output
         is unchanged at the start while the trainable part holds the dominant structure.
       - ``"zero"``: ``kron_u`` random, ``kron_v`` zero, ``kron_sigma`` one: the adapter
-        starts at exactly 0 and every factor receives gradients from the first step.
+        starts at exactly 0. As with LoRA's zero ``B``, only ``kron_v`` has a non-zero
+        gradient at the first step; ``kron_u`` and ``kron_sigma`` follow once it moved.
     Parameters are created in ``dtype`` (default: the base weight's); they are cast to the
     compute dtype (the base weight's, or autocast's) in forward.
 
@@ -292,6 +293,11 @@ class KronLinear(BaseLayerView, nn.Module):
         if w1.dim() != 2 or w2.dim() != 2:
             raise ValueError(f"lokr_w1, lokr_w2: expected matrices, got shapes {tuple(w1.shape)}, {tuple(w2.shape)}")
         factors = (w1.shape[0], w2.shape[0], w1.shape[1], w2.shape[1])
+        kron_shape = (factors[0] * factors[1], factors[2] * factors[3])
+        if kron_shape != (base.out_features, base.in_features):
+            raise ValueError(f"lokr_w1, lokr_w2: expected kron(w1, w2) of the base weight's shape "
+                             f"({base.out_features}, {base.in_features}), got w1 {tuple(w1.shape)} and w2 "
+                             f"{tuple(w2.shape)}, whose Kronecker product is {kron_shape}")
         layer = cls(base, 1, factors=factors, scale=scale, init="zero")
         with torch.no_grad():
             layer.kron_u.copy_(w1.unsqueeze(0))

@@ -267,6 +267,61 @@ def test_loads_a_saved_peft_lokr_adapter():
         KronLinear.from_lokr_state_dict(base_copy, saved, alpha=16.0, r=8, prefix="other.")
 
 
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(24, 20)
+        self.block = nn.Sequential(nn.ReLU(), nn.Linear(20, 12))
+
+    def forward(self, x):
+        return self.block(self.proj(x))
+
+
+def test_load_peft_lokr_on_a_model():
+    """A whole saved LoKr adapter (two layers, a per-layer rank and alpha, full and
+    decomposed w2) loaded onto a plain copy of the model gives PEFT's output."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _TwoLayers()
+    plain = copy.deepcopy(model)
+    cfg = peft.LoKrConfig(r=8, alpha=16.0, target_modules=["proj", "1"], rank_pattern={"block.1": 2},
+                          alpha_pattern={"1": 3.0}, init_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    saved = peft.get_peft_model_state_dict(pm)
+    assert any(k.endswith("block.1.lokr_w2_a") for k in saved)  # rank 2: w2 is decomposed there
+    x = torch.randn(4, 24)
+    y = pm(x).detach()
+    for config in (cfg, cfg.to_dict()):
+        target = copy.deepcopy(plain)
+        layers = lrk.nn.kron.load_peft_lokr(target, saved, config)
+        assert set(layers) == {"proj", "block.1"} and target.block[1] is layers["block.1"]
+        assert layers["block.1"].scale == 3.0 / 2 and layers["proj"].scale == 16.0 / 8
+        assert_close(target(x), y, torch.float32, "load_peft_lokr")
+        trainable = {n for n, p in target.named_parameters() if p.requires_grad}
+        assert trainable == {f"{m}.kron_{p}" for m in ("proj", "block.1") for p in ("u", "v", "sigma")}
+    # A module's own state_dict: keys end in the adapter name, no PEFT prefix.
+    target = copy.deepcopy(plain)
+    lrk.nn.kron.load_peft_lokr(target, pm.base_model.model.state_dict(), cfg, prefix="")
+    assert_close(target(x), y, torch.float32, "load_peft_lokr, module state_dict")
+
+
+def test_load_peft_lokr_bad_input():
+    model = _TwoLayers()
+    w = {"lokr_w1": torch.randn(4, 4), "lokr_w2": torch.randn(5, 6)}
+    with pytest.raises(ValueError, match="config: expected a LoKrConfig or a dict with 'r' and 'alpha'"):
+        lrk.nn.kron.load_peft_lokr(model, {}, {"r": 2})
+    with pytest.raises(ValueError, match="state_dict: no LoKr weights"):
+        lrk.nn.kron.load_peft_lokr(model, {"proj.weight": torch.randn(20, 24)}, {"r": 2, "alpha": 1})
+    with pytest.raises(ValueError, match="state_dict: LoKr weights for 'missing', which _TwoLayers does not have"):
+        lrk.nn.kron.load_peft_lokr(model, {f"missing.{k}": t for k, t in w.items()}, {"r": 2, "alpha": 1},
+                                   prefix="")
+    with pytest.raises(ValueError, match="state_dict: LoKr weights for 'block', a Sequential"):
+        lrk.nn.kron.load_peft_lokr(model, {f"block.{k}": t for k, t in w.items()}, {"r": 2, "alpha": 1},
+                                   prefix="")
+    with pytest.raises(ValueError, match="does not start with prefix 'base_model.model.'"):
+        lrk.nn.kron.load_peft_lokr(model, {f"proj.{k}": t for k, t in w.items()}, {"r": 2, "alpha": 1})
+
+
 # ----------------------------------------------------------------------------- dtypes, compile, arguments
 
 

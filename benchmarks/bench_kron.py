@@ -14,6 +14,9 @@ kpsvd contenders on W [N, K] (float32), `terms` terms:
   lrk exact / lrk randomized   torch.ops.lrk.kpsvd
 "rel err" for kpsvd is the Frobenius error's excess over the exact optimum,
 (err - opt) / opt; for kron_linear it is lrk's output error against float64.
+A last table sets the first case of each kind against the issue's targets (forward,
+forward+backward relative to lrk's forward, kpsvd time and error), with a verdict only
+for the issue's H200 bf16 case.
 
     python -m benchmarks.bench_kron [--device cuda] [--json out.json] [--quick]
 """
@@ -161,6 +164,58 @@ def run_kpsvd_case(N, K, terms, device):
     return results
 
 
+# The issue's targets (H200, bf16, M = 8192, 4096 x 4096 as 64x64 ⊗ 64x64, 4 terms; kpsvd of
+# a 4096 x 4096 float32 weight with 16 terms). Verdicts are printed only for that case.
+TARGET_FWD_MS = 0.10          # adapter-only forward
+TARGET_FWD_BWD_OVER_FWD = 3.0  # forward+backward / lrk's forward
+TARGET_KPSVD_MS = 20.0
+TARGET_KPSVD_REL_ERR = 1e-3
+
+
+def _find(results, contender):
+    return next((r for r in results if r.contender == contender), None)
+
+
+def _ms(r):
+    return f"{r.ms:.4f} ms" if r is not None and r.ms is not None else "failed"
+
+
+def _verdict(ok, applies):
+    if not applies:
+        return "n/a (targets are for the H200 bf16 case)"
+    return "met" if ok else "MISSED"
+
+
+def print_targets(fwd, fwd_bwd, kp, device, dtype, kron_case, kp_case):
+    """The issue's targets table, filled with this run's figures for its first case of each
+    kind (adapter only). On another device, dtype or shape the rows are printed as measured,
+    without a verdict."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    applies_kron = "H200" in gpu and dtype == torch.bfloat16 and kron_case == GPU_CASES[0]
+    applies_kp = "H200" in gpu and kp_case == GPU_KPSVD[0]
+    M, N, K, terms = kron_case
+    print(f"\n## Targets ({gpu}; kron_linear {M}x{N}x{K}, {terms} terms, {dtype}, adapter only; "
+          f"kpsvd {kp_case[0]}x{kp_case[1]}, {kp_case[2]} terms, float32)")
+    mat, ein, lrk_f = _find(fwd, "materialize"), _find(fwd, "einsum"), _find(fwd, "lrk")
+    lrk_fb = _find(fwd_bwd, "lrk")
+    f_ok = lrk_f is not None and lrk_f.ms is not None and lrk_f.ms <= TARGET_FWD_MS
+    print(f"forward          today: materialize {_ms(mat)}, einsum {_ms(ein)}   lrk: {_ms(lrk_f)}   "
+          f"target <= {TARGET_FWD_MS} ms: {_verdict(f_ok, applies_kron)}")
+    ratio = lrk_fb.ms / lrk_f.ms if lrk_fb is not None and lrk_fb.ms and lrk_f is not None and lrk_f.ms else None
+    ratio_s = f" = {ratio:.2f}x lrk's forward" if ratio is not None else ""
+    fb_ok = ratio is not None and ratio <= TARGET_FWD_BWD_OVER_FWD
+    print(f"forward+backward today: materialize {_ms(_find(fwd_bwd, 'materialize'))}, einsum "
+          f"{_ms(_find(fwd_bwd, 'einsum'))}   lrk: {_ms(lrk_fb)}{ratio_s}   "
+          f"target <= {TARGET_FWD_BWD_OVER_FWD:g}x: {_verdict(fb_ok, applies_kron)}")
+    svd, rnd = _find(kp, "svd"), _find(kp, "lrk randomized")
+    err = rnd.rel_err if rnd is not None else None
+    err_s = f", rel err {err:.2e}" if err is not None else ""
+    kp_ok = rnd is not None and rnd.ms is not None and rnd.ms <= TARGET_KPSVD_MS and err is not None \
+        and err <= TARGET_KPSVD_REL_ERR
+    print(f"kpsvd            today: linalg.svd {_ms(svd)}   lrk randomized: {_ms(rnd)}{err_s}   "
+          f"target <= {TARGET_KPSVD_MS:g} ms, rel err <= {TARGET_KPSVD_REL_ERR:g}: {_verdict(kp_ok, applies_kp)}")
+
+
 def main(argv=None):
     args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case of each table only")
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES
@@ -168,21 +223,29 @@ def main(argv=None):
     if args.quick:
         cases, kp_cases = cases[:1], kp_cases[:1]
     tables = []
+    first_case = {}  # (backward, with_base) -> results of cases[0]
     for backward in (False, True):
         for with_base in (False, True):
             res = []
-            for M, N, K, terms in cases:
-                res += run_kron_case(M, N, K, terms, device, dtype, backward, with_base)
+            for i, (M, N, K, terms) in enumerate(cases):
+                case_res = run_kron_case(M, N, K, terms, device, dtype, backward, with_base)
+                if i == 0:
+                    first_case[backward, with_base] = case_res
+                res += case_res
             what = ("forward+backward" if backward else "forward") + (", with base" if with_base else ", adapter only")
             tables.append((f"kron_linear {what}, {dtype}, {device.type}", res))
     res = []
+    first_kp = None
     for N, K, terms in kp_cases:
-        res += run_kpsvd_case(N, K, terms, device)
+        case_res = run_kpsvd_case(N, K, terms, device)
+        first_kp = first_kp if first_kp is not None else case_res
+        res += case_res
     tables.append((f"kpsvd, float32, {device.type} (rel err = excess over the exact optimum)", res))
     everything = []
     for title, res in tables:
         print_table(title, res)
         everything += res
+    print_targets(first_case[False, False], first_case[True, False], first_kp, device, dtype, cases[0], kp_cases[0])
     if args.json:
         write_json(args.json, "kron_linear and kpsvd", environment(device), everything)
     return everything

@@ -19,6 +19,8 @@ FACTORS = [
     (6, 1, 1, 9, 4),
     (8, 8, 8, 8, 16),
     (3, 2, 2, 3, 6),   # rank = min(m1*n1, m2*n2): exact reconstruction
+    (8, 8, 8, 8, 64),  # 64 terms, full rank
+    (2, 9, 16, 4, 7),  # non-square R [32, 36], rank not a power of two
 ]
 
 

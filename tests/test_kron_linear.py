@@ -145,8 +145,13 @@ def test_row_chunks_give_the_same_result(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device):
-    args = kron_inputs((2, 3), 3, 2, 3, 4, 2, torch.float64, device, base_grad=True)
+@pytest.mark.parametrize("lead,k,m1,n1,m2,n2", [
+    ((2, 3), 3, 2, 3, 4, 2),
+    ((3,), 1, 1, 4, 3, 2),    # m1 = 1, one term
+    ((2,), 64, 2, 1, 1, 3),   # 64 terms, n1 = m2 = 1
+])
+def test_gradcheck(device, lead, k, m1, n1, m2, n2):
+    args = kron_inputs(lead, k, m1, n1, m2, n2, torch.float64, device, base_grad=True)
     fn = lambda *t: lrk.kron_ops.kron_linear(*t, 0.8)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
 
@@ -216,6 +221,7 @@ FUSED_SHAPES = [
     ((3,), 1, 16, 16, 16, 16),
     ((2, 65), 3, 32, 16, 16, 48),
     ((1000,), 5, 64, 32, 32, 64),
+    ((5,), 64, 16, 16, 16, 32),   # 64 terms, non-square v
 ]
 
 
@@ -249,6 +255,31 @@ def test_fused_cuda_forward(dtype, lead, k, m1, n1, m2, n2, with_base, monkeypat
     leaf_u = leaf[1].clone().requires_grad_()
     ref.kron_linear(leaf[0], leaf_u, *leaf[2:], 0.6).backward(gy.double())
     assert_close(u.grad, leaf_u.grad, dtype, "grad u")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("lead,k,m1,n1,m2,n2", FUSED_SHAPES)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_fused_cuda_grad_x_only(lead, k, m1, n1, m2, n2, with_base, monkeypatch):
+    """Frozen factors: grad x alone is the transposed adapter, run by the fused kernel."""
+    if not lrk.has_cuda_kernels():
+        pytest.skip("lrk built without CUDA")
+    x, u, v, s, w, b = kron_inputs(lead, k, m1, n1, m2, n2, torch.bfloat16, "cuda", base=with_base)
+    u, v, s = u.detach(), v.detach(), s.detach()
+    monkeypatch.delenv("LRK_KRON_FUSED", raising=False)
+    y = lrk.kron_ops.kron_linear(x, u, v, s, w, b, 0.6)
+    gy = torch.randn_like(y)
+    poison_cuda_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y.backward(gy)
+        torch.cuda.synchronize()
+    assert any("kron_fused_fwd_kernel" in e.name for e in prof.events()), "grad x did not take the fused kernel"
+    assert u.grad is None and v.grad is None and s.grad is None
+    leaf = [t.detach().double() if t is not None else None for t in (x, u, v, s, w, b)]
+    leaf[0].requires_grad_()
+    ref.kron_linear(*leaf, 0.6).backward(gy.double())
+    assert_close(x.grad, leaf[0].grad, torch.bfloat16, "grad x (fused, transposed factors)")
 
 
 # ----------------------------------------------------------------------------- bad input

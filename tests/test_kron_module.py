@@ -44,6 +44,33 @@ def test_kpsvd_init_keeps_the_output_and_holds_the_principal_part(device, dtype)
                           ref.kpsvd(w0.double().cpu(), 4, 5, 4, 6, 3)[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("factors,terms", [
+    ((1, 20, 4, 6), 4),     # m1 = 1, all the terms R(W) [4, 120] has: exact, zero residual
+    ((10, 2, 1, 12), 1),    # n1 = 1, one term
+    ((2, 10, 8, 3), 6),     # non-square factors
+    ((4, 5, 4, 6), 16),     # the maximum number of terms
+])
+def test_awkward_factorizations(factors, terms):
+    """KPSVD init on unbalanced factorisations: output unchanged, adapter = the optimal
+    `terms`-term approximation, and a training step reaches every factor."""
+    n_out, n_in = factors[0] * factors[1], factors[2] * factors[3]
+    base = _base(n_out, n_in)
+    w0 = base.weight.detach().clone()
+    x = _x(5, n_in)
+    y0 = base(x).detach()
+    layer = KronLinear(base, terms=terms, factors=factors)
+    torch.testing.assert_close(layer(x), y0)
+    err = (w0 - layer.delta_weight()).norm()
+    torch.testing.assert_close(err, ref.kpsvd_error(w0, *factors, terms), rtol=1e-9, atol=1e-10)
+    if terms == min(factors[0] * factors[2], factors[1] * factors[3]):
+        assert base.weight.abs().max() < 1e-10  # nothing left in the residual
+    layer(x).square().sum().backward()
+    for p in (layer.kron_u, layer.kron_v, layer.kron_sigma):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    layer.merge()
+    torch.testing.assert_close(base.weight, w0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_init_starts_at_the_base_layer_and_trains_every_factor(device):
     base = _base(device=device)
@@ -55,10 +82,13 @@ def test_zero_init_starts_at_the_base_layer_and_trains_every_factor(device):
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     target = _x(9, 20, device=device)
     losses = []
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
         loss = (layer(x) - target).square().mean()
         loss.backward()
+        if step == 0:  # v = 0: only v has a gradient at first (LoRA's zero-B rule)
+            assert layer.kron_v.grad.abs().sum() > 0
+            assert layer.kron_u.grad.abs().sum() == 0 and layer.kron_sigma.grad.abs().sum() == 0
         losses.append(loss.item())
         opt.step()
     for p in (layer.kron_u, layer.kron_v, layer.kron_sigma):
@@ -200,6 +230,19 @@ def test_loads_peft_lokr(r, decompose_both):
     assert_close(from_sd(x), y, torch.float32, "from_lokr_state_dict")
 
 
+def test_lokr_factors_of_the_wrong_shape():
+    base = _base(20, 24, dtype=torch.float32)
+    sd = {"lokr_w1": torch.randn(3, 4), "lokr_w2": torch.randn(5, 6)}
+    with pytest.raises(ValueError, match=r"lokr_w1, lokr_w2: expected kron\(w1, w2\) of the base weight's shape "
+                                         r"\(20, 24\), got w1 \(3, 4\) and w2 \(5, 6\), whose Kronecker product is \(15, 24\)"):
+        KronLinear.from_lokr_state_dict(base, sd, alpha=1.0, r=1)
+    with pytest.raises(KeyError, match="expected lokr_w2 or both lokr_w2_a and lokr_w2_b"):
+        KronLinear.from_lokr_state_dict(base, {"lokr_w1": torch.randn(4, 4), "lokr_w2_a": torch.randn(5, 2)},
+                                        alpha=1.0, r=2)
+    with pytest.raises(ValueError, match="r: expected a positive LoKr rank"):
+        KronLinear.from_lokr_state_dict(base, sd, alpha=1.0, r=0)
+
+
 def test_loads_a_saved_peft_lokr_adapter():
     peft = pytest.importorskip("peft")
 
@@ -222,6 +265,61 @@ def test_loads_a_saved_peft_lokr_adapter():
     assert_close(layer(x), y, torch.float32, "saved adapter")
     with pytest.raises(KeyError, match="no LoKr weights under prefix"):
         KronLinear.from_lokr_state_dict(base_copy, saved, alpha=16.0, r=8, prefix="other.")
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(24, 20)
+        self.block = nn.Sequential(nn.ReLU(), nn.Linear(20, 12))
+
+    def forward(self, x):
+        return self.block(self.proj(x))
+
+
+def test_load_peft_lokr_on_a_model():
+    """A whole saved LoKr adapter (two layers, a per-layer rank and alpha, full and
+    decomposed w2) loaded onto a plain copy of the model gives PEFT's output."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _TwoLayers()
+    plain = copy.deepcopy(model)
+    cfg = peft.LoKrConfig(r=8, alpha=16.0, target_modules=["proj", "1"], rank_pattern={"block.1": 2},
+                          alpha_pattern={"1": 3.0}, init_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    saved = peft.get_peft_model_state_dict(pm)
+    assert any(k.endswith("block.1.lokr_w2_a") for k in saved)  # rank 2: w2 is decomposed there
+    x = torch.randn(4, 24)
+    y = pm(x).detach()
+    for config in (cfg, cfg.to_dict()):
+        target = copy.deepcopy(plain)
+        layers = lrk.nn.kron.load_peft_lokr(target, saved, config)
+        assert set(layers) == {"proj", "block.1"} and target.block[1] is layers["block.1"]
+        assert layers["block.1"].scale == 3.0 / 2 and layers["proj"].scale == 16.0 / 8
+        assert_close(target(x), y, torch.float32, "load_peft_lokr")
+        trainable = {n for n, p in target.named_parameters() if p.requires_grad}
+        assert trainable == {f"{m}.kron_{p}" for m in ("proj", "block.1") for p in ("u", "v", "sigma")}
+    # A module's own state_dict: keys end in the adapter name, no PEFT prefix.
+    target = copy.deepcopy(plain)
+    lrk.nn.kron.load_peft_lokr(target, pm.base_model.model.state_dict(), cfg, prefix="")
+    assert_close(target(x), y, torch.float32, "load_peft_lokr, module state_dict")
+
+
+def test_load_peft_lokr_bad_input():
+    model = _TwoLayers()
+    w = {"lokr_w1": torch.randn(4, 4), "lokr_w2": torch.randn(5, 6)}
+    with pytest.raises(ValueError, match="config: expected a LoKrConfig or a dict with 'r' and 'alpha'"):
+        lrk.nn.kron.load_peft_lokr(model, {}, {"r": 2})
+    with pytest.raises(ValueError, match="state_dict: no LoKr weights"):
+        lrk.nn.kron.load_peft_lokr(model, {"proj.weight": torch.randn(20, 24)}, {"r": 2, "alpha": 1})
+    with pytest.raises(ValueError, match="state_dict: LoKr weights for 'missing', which _TwoLayers does not have"):
+        lrk.nn.kron.load_peft_lokr(model, {f"missing.{k}": t for k, t in w.items()}, {"r": 2, "alpha": 1},
+                                   prefix="")
+    with pytest.raises(ValueError, match="state_dict: LoKr weights for 'block', a Sequential"):
+        lrk.nn.kron.load_peft_lokr(model, {f"block.{k}": t for k, t in w.items()}, {"r": 2, "alpha": 1},
+                                   prefix="")
+    with pytest.raises(ValueError, match="does not start with prefix 'base_model.model.'"):
+        lrk.nn.kron.load_peft_lokr(model, {f"proj.{k}": t for k, t in w.items()}, {"r": 2, "alpha": 1})
 
 
 # ----------------------------------------------------------------------------- dtypes, compile, arguments

@@ -6,7 +6,10 @@
 // all terms at once) and one strided-batched GEMM (the side-by-side U factors
 // against every row), in the input dtype with fp32 accumulation. Either way the
 // frozen base GEMM then adds into the adapter's output (beta = 1).
-// Backward: the portable form.
+// Backward: the portable form. When only grad x is asked for (frozen factors), it is
+// itself a Kronecker adapter, dX_m = sum_t coef_t U_t^T dY_m V_t, so the fused forward
+// kernel runs it with the transposed factors (one kernel, no intermediate). With the
+// factor gradients, dx is one GEMM on the dZ = Uc^T dY that dv needs anyway.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -43,10 +46,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_bwd_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const KronGradMask mask{output_mask[0], output_mask[1], output_mask[2], output_mask[3] && has_tensor(sigma)};
   const at::Tensor dy2 = grad_y.reshape({d.M, d.N}).contiguous();
-  const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
   const at::Tensor coef = kron_coefficients(sigma, d.k, scale, x.scalar_type(), x.device());
-  KronGrads g = kron_backward_portable(dy2, x2, u, v, coef, weight, scale, mask, d);
   const auto empty = [&] { return at::empty({0}, x.options()); };
+  if (mask.x && !mask.u && !mask.v && !mask.sigma) {
+    // The transposed adapter: in_features N = m1*m2, out_features K = n1*n2.
+    const KronDims dt{d.M, d.N, d.K, d.k, d.n1, d.m1, d.n2, d.m2};
+    if (kron_fused_supported(dy2, dt)) {
+      at::Tensor gx = at::empty({d.M, d.K}, x.options());
+      kron_fused_forward_cuda(dy2, u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), coef,
+                              std::nullopt, gx, dt);
+      if (has_tensor(weight)) gx.addmm_(dy2, *weight);
+      return {gx.reshape(x.sizes()), empty(), empty(), empty()};
+    }
+  }
+  const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
+  KronGrads g = kron_backward_portable(dy2, x2, u, v, coef, weight, scale, mask, d);
   return {mask.x ? g.x.reshape(x.sizes()) : empty(), mask.u ? g.u : empty(), mask.v ? g.v : empty(),
           mask.sigma ? g.sigma : empty()};
 }

@@ -84,11 +84,14 @@ KronGrads kron_backward_portable(const at::Tensor& dy2, const at::Tensor& x2, co
   const at::Tensor uc_t = scaled_u_columns(u, coef, d).t().contiguous();   // [(j1, t), i1]
   const bool need_dz = mask.x || mask.v;  // dZ = Uc^T dY feeds dx and dv
   const bool need_g = mask.u || mask.sigma;
+  // V with its rows ordered (i2, t): the Z of the u / sigma gradients is then produced
+  // with (m, i2) adjacent, the reduction axis of one GEMM, without a transposed copy.
+  const at::Tensor v_rows_it = need_g ? v.permute({1, 0, 2}).reshape({d.m2 * d.k, d.n2}) : at::Tensor();
 
   KronGrads g;
   if (mask.x) g.x = at::empty({d.M, d.K}, x2.options());
   at::Tensor dv_rows = mask.v ? at::zeros({d.k * d.m2, d.n2}, acc_opts) : at::Tensor();
-  at::Tensor grad_uc = need_g ? at::zeros({d.m1, d.n1 * d.k}, acc_opts) : at::Tensor();  // d/d Uc
+  at::Tensor grad_u_cols = need_g ? at::zeros({d.m1, d.k * d.n1}, acc_opts) : at::Tensor();  // [i1, (t, j1)]
 
   const int64_t chunk = rows_per_chunk(d);
   for (int64_t r0 = 0; r0 < d.M; r0 += chunk) {
@@ -105,18 +108,19 @@ KronGrads kron_backward_portable(const at::Tensor& dy2, const at::Tensor& x2, co
       if (mask.v) accumulate(dv_rows, at::mm(dz2.t(), xr));
     }
     if (need_g) {
-      // grad_uc[i1, (j1, t)] = sum_(m, i2) dY[m, i1, i2] Z[m, (j1, t), i2]: a GEMM over
-      // (m, i2) once both operands have i2 next to m.
-      const at::Tensor z = at::mm(xr, v_rows.t()).view({rows, d.n1 * d.k, d.m2});
-      const at::Tensor zt = z.transpose(1, 2).reshape({rows * d.m2, d.n1 * d.k});
-      const at::Tensor dyt = dy3.transpose(1, 2).reshape({rows * d.m2, d.m1});
-      accumulate(grad_uc, at::mm(dyt.t(), zt));
+      // d/dUc[i1, (t, j1)] = sum_(m, i2) dY[m, i1, i2] Zt[m, i2, (t, j1)] with
+      // Zt[m, i2, (t, j1)] = sum_j2 V[t, i2, j2] X[m, j1, j2]: per row, V (rows (i2, t))
+      // times X_m^T, written as [(m, i2), (t, j1)], then one GEMM over (m, i2).
+      const at::Tensor xt = x2.narrow(0, r0, rows).view({rows, d.n1, d.n2}).transpose(1, 2);  // [rows, j2, j1]
+      const at::Tensor zt = at::bmm(v_rows_it.expand({rows, d.m2 * d.k, d.n2}), xt);          // [rows, (i2, t), j1]
+      const at::Tensor dyt = dy3.transpose(1, 2).reshape({rows * d.m2, d.m1});                 // [(m, i2), i1]
+      accumulate(grad_u_cols, at::mm(dyt.t(), zt.view({rows * d.m2, d.k * d.n1})));
     }
   }
   if (mask.x && has_tensor(weight)) g.x.addmm_(dy2, *weight);
   if (mask.v) g.v = dv_rows.view({d.k, d.m2, d.n2}).to(x2.scalar_type());
   if (need_g) {
-    const at::Tensor grad_uc3 = grad_uc.view({d.m1, d.n1, d.k}).permute({2, 0, 1});  // [t, i1, j1]
+    const at::Tensor grad_uc3 = grad_u_cols.view({d.m1, d.k, d.n1}).permute({1, 0, 2});  // [t, i1, j1]
     if (mask.u) g.u = (grad_uc3 * coef.view({d.k, 1, 1})).to(x2.scalar_type()).contiguous();
     if (mask.sigma) g.sigma = (grad_uc3 * u.to(acc)).sum({1, 2}).mul_(scale).to(x2.scalar_type());
   }

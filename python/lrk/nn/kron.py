@@ -8,6 +8,7 @@ Kronecker product is never formed).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Mapping, Optional, Sequence, Union
 
@@ -18,7 +19,7 @@ from ..kron_ops import kpsvd, kron_dense
 from ..kron_select import choose_factorization, elbow_rank, energy_rank
 from ._targets import BaseLayerView, check_targets, find_targets, replace_targets
 
-__all__ = ["KronLinear", "apply_kron", "prune_kron"]
+__all__ = ["KronLinear", "apply_kron", "prune_kron", "load_peft_lokr"]
 
 _LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -48,7 +49,8 @@ class KronLinear(BaseLayerView, nn.Module):
         ``W - sum_t sigma_t u_t ⊗ v_t`` (as PiSSA does with the SVD), so the layer's output
         is unchanged at the start while the trainable part holds the dominant structure.
       - ``"zero"``: ``kron_u`` random, ``kron_v`` zero, ``kron_sigma`` one: the adapter
-        starts at exactly 0 and every factor receives gradients from the first step.
+        starts at exactly 0. As with LoRA's zero ``B``, only ``kron_v`` has a non-zero
+        gradient at the first step; ``kron_u`` and ``kron_sigma`` follow once it moved.
     Parameters are created in ``dtype`` (default: the base weight's); they are cast to the
     compute dtype (the base weight's, or autocast's) in forward.
 
@@ -292,6 +294,11 @@ class KronLinear(BaseLayerView, nn.Module):
         if w1.dim() != 2 or w2.dim() != 2:
             raise ValueError(f"lokr_w1, lokr_w2: expected matrices, got shapes {tuple(w1.shape)}, {tuple(w2.shape)}")
         factors = (w1.shape[0], w2.shape[0], w1.shape[1], w2.shape[1])
+        kron_shape = (factors[0] * factors[1], factors[2] * factors[3])
+        if kron_shape != (base.out_features, base.in_features):
+            raise ValueError(f"lokr_w1, lokr_w2: expected kron(w1, w2) of the base weight's shape "
+                             f"({base.out_features}, {base.in_features}), got w1 {tuple(w1.shape)} and w2 "
+                             f"{tuple(w2.shape)}, whose Kronecker product is {kron_shape}")
         layer = cls(base, 1, factors=factors, scale=scale, init="zero")
         with torch.no_grad():
             layer.kron_u.copy_(w1.unsqueeze(0))
@@ -329,3 +336,71 @@ def prune_kron(model: nn.Module, rule: str = "energy", tau: float = 0.99, min_te
     {qualified name: terms kept}."""
     return {name: m.prune(rule, tau, min_terms, merge_pruned, optimizer)
             for name, m in model.named_modules() if isinstance(m, KronLinear) and not m.merged}
+
+
+def _lokr_value(config, field: str, default=None):
+    return config.get(field, default) if isinstance(config, Mapping) else getattr(config, field, default)
+
+
+def _pattern_value(patterns: Optional[Mapping], name: str, default):
+    # PEFT's rule for rank_pattern / alpha_pattern: the first key that matches a
+    # dot-separated tail of the module name (as a regex).
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_peft_lokr(model: nn.Module, state_dict: Mapping[str, Tensor], config,
+                   prefix: str = "base_model.model.", adapter_name: str = "default") -> dict[str, KronLinear]:
+    """Put a PEFT LoKr adapter on a plain ``model``: every nn.Linear for which
+    ``state_dict`` holds LoKr weights becomes a KronLinear with those weights (see
+    ``KronLinear.from_lokr_state_dict``); every other parameter is frozen.
+
+    ``state_dict``: as ``peft.get_peft_model_state_dict`` returns it or
+    ``save_pretrained`` writes it (keys ``prefix + "<module>.lokr_w1"``), or a module
+    state_dict (``"<module>.lokr_w1.<adapter_name>"``; pass ``prefix=""``).
+    ``config``: the adapter's ``LoKrConfig``, or its dict (adapter_config.json): ``r``,
+    ``alpha`` and, when present, ``rank_pattern`` / ``alpha_pattern`` (PEFT's rule: a
+    key matches a dot-separated tail of the module name). Returns {module name: layer}.
+    """
+    r_default, alpha_default = _lokr_value(config, "r"), _lokr_value(config, "alpha")
+    if r_default is None or alpha_default is None:
+        raise ValueError("config: expected a LoKrConfig or a dict with 'r' and 'alpha'")
+    rank_pattern, alpha_pattern = _lokr_value(config, "rank_pattern"), _lokr_value(config, "alpha_pattern")
+    key_re = re.compile(rf"^(.*)\.({'|'.join(_LOKR_NAMES)})(\.{re.escape(adapter_name)})?$")
+    names = []
+    for key in state_dict:
+        match = key_re.match(key)
+        if match is None:
+            continue
+        full = match.group(1)
+        if not full.startswith(prefix):
+            raise ValueError(f"state_dict: LoKr key {key!r} does not start with prefix {prefix!r}")
+        name = full[len(prefix):]
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"state_dict: no LoKr weights (keys like {prefix}<module>.lokr_w1)")
+    targets = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"state_dict: LoKr weights for {name!r}, which {type(model).__name__} does not have") \
+                from None
+        if type(module) is not nn.Linear:
+            raise ValueError(f"state_dict: LoKr weights for {name!r}, a {type(module).__name__}; only nn.Linear "
+                             "layers are loaded")
+        targets.append((name, module))
+    name_of = {id(module): name for name, module in targets}
+
+    def make(module: nn.Linear) -> KronLinear:
+        name = name_of[id(module)]
+        r = _pattern_value(rank_pattern, name, r_default)
+        alpha = _pattern_value(alpha_pattern, name, alpha_default)
+        return KronLinear.from_lokr_state_dict(module, state_dict, alpha=alpha, r=r, prefix=f"{prefix}{name}.",
+                                               adapter_name=adapter_name)
+
+    layers = replace_targets(model, targets, make)
+    return dict(zip(names, layers))

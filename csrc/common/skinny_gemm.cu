@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <mma.h>
 
+#include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.cuh"
 #include "common/skinny_gemm.h"
@@ -261,6 +262,87 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
   }
 }
 
+// out[M, K] = alpha * dropout(D[M, R] @ Bop[R, K]), written once in T (LoRA's
+// backward term dropout_bwd(dh @ A) with the mask regenerated per output
+// element). Block: 64 rows x 64 columns, the rank in steps of 32; warp w owns
+// rows 16w..16w+15. The fp32 tile is staged in shared memory so that the mask,
+// the scale and the rounding are applied once per element on the way out.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) skinny_expand_kernel(const T* __restrict__ D, const T* __restrict__ Bop,
+                                                                T* __restrict__ out, int64_t M, int64_t K,
+                                                                int64_t R, float alpha, DeviceDropout drop) {
+  constexpr int BM = 64, BN = 64, BR = 32, LDD = BR + 8, LDB = BN + 8, LDC = BN + 4;
+  __shared__ __align__(32) T ds[BM * LDD];
+  __shared__ __align__(32) T bs[BR * LDB];
+  __shared__ __align__(32) float cs[BM * LDC];
+  const int warp = threadIdx.x / 32;
+  const int64_t row0 = int64_t(blockIdx.x) * BM;
+  const int64_t col0 = int64_t(blockIdx.y) * BN;
+  const DeviceDropout no_drop{0, 0};
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BN / 16];
+#pragma unroll
+  for (int j = 0; j < BN / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+  TileLoader<T, BM, BR, false> dl;  // rank count is arbitrary: element loads
+  TileLoader<T, BR, BN, kVec> bl;
+  for (int64_t r0 = 0; r0 < R; r0 += BR) {
+    dl.load(D, M, R, row0, r0, no_drop);
+    bl.load(Bop, R, K, r0, col0, no_drop);
+    dl.store(ds, LDD);
+    bl.store(bs, LDB);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BR; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, ds + warp * 16 * LDD + kk, LDD);
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, bs + kk * LDB + j * 16, LDB);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < BN / 16; ++j) {
+    wmma::store_matrix_sync(cs + warp * 16 * LDC + j * 16, acc[j], LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+  // Each thread writes runs of 8 consecutive elements of a row.
+  for (int slot = threadIdx.x; slot < BM * BN / 8; slot += kThreads) {
+    const int lr = slot / (BN / 8), lc = (slot % (BN / 8)) * 8;
+    const int64_t gr = row0 + lr, gc = col0 + lc;
+    if (gr >= M || gc >= K) continue;
+    const int64_t e0 = gr * K + gc;  // logical index of the run's first element
+    uint32_t words[8] = {};
+    if (drop.threshold != 0 && kVec) {  // e0 % 8 == 0: two Philox blocks cover the run
+      const Philox4 lo = philox4x32_10(static_cast<uint64_t>(e0) >> 2, drop.seed);
+      const Philox4 hi = philox4x32_10((static_cast<uint64_t>(e0) >> 2) + 1, drop.seed);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) words[j] = j < 4 ? lo.v[j] : hi.v[j - 4];
+    }
+    T v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      bool keep = true;
+      if (drop.threshold != 0) {
+        keep = kVec ? words[j] >= drop.threshold
+                    : dropout_keep(static_cast<uint64_t>(e0 + j), drop.seed, drop.threshold);
+      }
+      v[j] = cuda::from_float<T>(keep ? alpha * cs[lr * LDC + lc + j] : 0.f);
+    }
+    if constexpr (kVec) {
+      *reinterpret_cast<uint4*>(out + e0) = *reinterpret_cast<const uint4*>(v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (gc + j < K) out[e0 + j] = v[j];
+      }
+    }
+  }
+}
+
 DeviceDropout to_device(const DropoutParams& d) { return DeviceDropout{d.seed, d.threshold}; }
 
 // Splits a reduction of `length` (in steps of `step`) so that about four blocks
@@ -360,6 +442,35 @@ void skinny_rows_cols_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, cons
                   rows_out.size(1) == R && cols_out.size(0) == R && cols_out.size(1) == K,
               "skinny_rows_cols_gemm: shape mismatch");
   launch_cols_kernel<true>(D, X, &Bop, cols_out, &rows_out, alpha, DropoutParams{});
+}
+
+void skinny_expand_gemm_cuda(const at::Tensor& D, const at::Tensor& Bop, at::Tensor& out, double alpha,
+                             const DropoutParams& drop) {
+  TORCH_CHECK(D.is_cuda() && Bop.is_cuda() && out.is_cuda(), "skinny expand: CUDA tensors expected");
+  TORCH_CHECK(D.scalar_type() == Bop.scalar_type() && out.scalar_type() == D.scalar_type() &&
+                  is_half_precision(D.scalar_type()),
+              "skinny expand: D, Bop and out must all be bfloat16 or all float16");
+  TORCH_CHECK(D.is_contiguous() && Bop.is_contiguous() && out.is_contiguous(), "skinny expand: contiguous operands expected");
+  const int64_t M = D.size(0), R = D.size(1), K = Bop.size(1);
+  TORCH_CHECK(Bop.size(0) == R && out.size(0) == M && out.size(1) == K, "skinny_expand_gemm: shape mismatch");
+  if (M == 0 || K == 0) return;
+  const c10::cuda::CUDAGuard guard(D.device());
+  const bool vec = K % 8 == 0 && cuda::aligned16(Bop.const_data_ptr()) && cuda::aligned16(out.const_data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  cuda::with_half_type(D.scalar_type(), "skinny expand", [&](auto tag) {
+    using T = decltype(tag);
+    cuda::with_bool(vec, [&](auto v) {
+      const int64_t row_blocks = cuda::ceil_div(M, 64), col_blocks = cuda::ceil_div(K, 64);
+      TORCH_CHECK(row_blocks <= 0x7fffffff && col_blocks <= 65535, "skinny expand: [", M, ", ", K,
+                  "] is beyond the grid's reach");
+      const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
+      skinny_expand_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
+          reinterpret_cast<T*>(out.mutable_data_ptr()), M, K, R, static_cast<float>(alpha * drop.scale),
+          to_device(drop));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 }  // namespace lrk

@@ -23,4 +23,9 @@ void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor&
 void skinny_rows_cols_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, const at::Tensor& D,
                                 at::Tensor& rows_out, at::Tensor& cols_out, double alpha);
 
+// out[M, K] = alpha * dropout(D[M, R] @ Bop[R, K]), written once (not accumulated):
+// LoRA's dx term dropout_bwd(dh @ A), the mask applied on the way out. out has D's dtype.
+void skinny_expand_gemm_cuda(const at::Tensor& D, const at::Tensor& Bop, at::Tensor& out, double alpha,
+                             const DropoutParams& drop);
+
 }  // namespace lrk

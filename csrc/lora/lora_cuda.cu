@@ -166,8 +166,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
     }
 #endif
     // dx = dropout(dh @ A) + dy @ W, the big GEMM last (beta = 1).
-    at::Tensor gx = at::mm(dh, a);
-    if (dropout_p > 0) dropout_cuda_(gx, dropout_p, seed);
+    at::Tensor gx;
+    if (use_skinny_kernels(x)) {  // the low-rank term written once, its mask applied on the way out
+      gx = at::empty({d.M, d.K}, x.options());
+      skinny_expand_gemm_cuda(dh, a, gx, 1.0, make_dropout_params(dropout_p, seed));
+    } else {
+      gx = at::mm(dh, a);
+      if (dropout_p > 0) dropout_cuda_(gx, dropout_p, seed);
+    }
     gx.addmm_(dy, weight);
     grad_x = gx.reshape(x.sizes());
   }

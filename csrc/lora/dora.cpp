@@ -5,11 +5,16 @@
 // Backward treats the norm as a constant (the DoRA paper and PEFT do too), so it is
 // LoRA's backward on grad_y * g plus grad_m = sum_rows(grad_y * y_unscaled) / norm.
 // The kernels compose ATen and lrk ops, so one implementation serves every device
-// (registered as CompositeExplicitAutograd; autograd and fakes come from Python).
+// (registered as CompositeExplicitAutograd; autograd and fakes come from Python),
+// except the elementwise part of the backward, which has a one-pass CUDA kernel
+// for bf16/fp16 (dora_grad.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common/autocast.h"
+#ifdef LRK_WITH_CUDA
+#include "lora/dora_grad.h"
+#endif
 #include "lora/lora_checks.h"
 
 namespace lrk {
@@ -112,14 +117,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_bwd(
   static auto lora_bwd =
       c10::Dispatcher::singleton().findSchemaOrThrow("lrk::lora_fused_bwd", "").typed<LoraBwdFn>();
   const at::Tensor g = magnitude.to(weight_norm.scalar_type()) / weight_norm;
-  at::Tensor grad_y_scaled = at::empty_like(grad_y, at::MemoryFormat::Contiguous);
-  at::mul_out(grad_y_scaled, grad_y, g);
+  // grad_y * g for LoRA's backward, and column_sums_n = sum_i grad_y[i, n] * y_unscaled[i, n]
+  // (float32, or float64) for grad_m_n = column_sums_n / norm_n.
+  at::Tensor grad_y_scaled, column_sums;
+#ifdef LRK_WITH_CUDA
+  if (grad_y.is_cuda() && is_half_precision(grad_y.scalar_type()) && g.scalar_type() == at::kFloat) {
+    grad_y_scaled = at::empty({d.M, d.N}, grad_y.options());
+    column_sums = at::zeros({d.N}, g.options());
+    dora_grad_scale_cuda(grad_y.reshape({d.M, d.N}).contiguous(), y_unscaled.reshape({d.M, d.N}).contiguous(),
+                         g.contiguous(), grad_y_scaled, column_sums);  // one pass over grad_y
+    grad_y_scaled = grad_y_scaled.view(grad_y.sizes());
+  }
+#endif
+  if (!grad_y_scaled.defined()) {
+    grad_y_scaled = at::empty_like(grad_y, at::MemoryFormat::Contiguous);
+    at::mul_out(grad_y_scaled, grad_y, g);
+    const at::Tensor prod = at::mul(grad_y.reshape({d.M, d.N}), y_unscaled.reshape({d.M, d.N}));
+    column_sums = at::sum(prod, {0}, false, weight_norm.scalar_type());
+  }
   auto [grad_x, grad_a, grad_b] =
       lora_bwd.call(grad_y_scaled, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, need_grad_x);
-  // grad_m_n = sum_i grad_y[i, n] * y_unscaled[i, n] / norm_n, summed in float32 (float64).
-  const at::Tensor prod = at::mul(grad_y.reshape({d.M, d.N}), y_unscaled.reshape({d.M, d.N}));
-  const at::Tensor grad_m =
-      (at::sum(prod, {0}, false, weight_norm.scalar_type()) / weight_norm).to(magnitude.scalar_type());
+  const at::Tensor grad_m = (column_sums / weight_norm).to(magnitude.scalar_type());
   return {grad_x, grad_a, grad_b, grad_m};
 }
 

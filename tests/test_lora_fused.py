@@ -78,10 +78,10 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 @CUDA_SKIP
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", ["hopper", "portable"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("lead,K,N,r", HOPPER_SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "dropout"])
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
     # On other GPUs (or builds without sm_90a) both settings take the portable path.
     monkeypatch.setenv("LRK_DISABLE_SM90", "1" if path == "portable" else "0")

@@ -8,7 +8,9 @@ SDDMM, dDelta[mask] = (dy^T @ x)[mask], dy [M, N], x [M, K]:
   lrk_csr          torch.ops.lrk.sddmm_csr     (the same entries as CSR / unstructured masks)
 GB/s counts the bytes a kernel must move at least: the dy and x panels that the kept
 entries touch, read once, and the output written once; TFLOP/s counts 2*M flops per
-kept entry.
+kept entry. The block SDDMM is memory-bound (a 64x64 block over 8192 tokens does 32
+flops per byte), so each row's note gives its GB/s as a share of the device's copy
+bandwidth, measured in the same run (a large device-to-device copy, read + write).
 
 Layers, forward + backward (x requires grad, W frozen) of one N x K linear layer:
   full             nn.Linear with W trainable (dense gradient)
@@ -62,7 +64,16 @@ def _pattern(n, k, b, density, gen, device):
     return None, (torch.rand(n, k, generator=gen) < density).to(device)
 
 
-def run_sddmm(M, N, K, b, density, device, dtype):
+def copy_gbps(device) -> float:
+    """Bandwidth of a plain copy much larger than the caches (bytes read + written)."""
+    nbytes = (512 if device.type == "cuda" else 64) << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def run_sddmm(M, N, K, b, density, device, dtype, copy_bw=None):
     gen = torch.Generator().manual_seed(0)
     dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
@@ -95,6 +106,7 @@ def run_sddmm(M, N, K, b, density, device, dtype):
     results = []
     for name, fn in contenders.items():
         note, err = "", None
+        gbps = None
         try:
             out = fn()
             if name == "lrk_block":  # block values -> the kept entries in row-major order
@@ -104,10 +116,13 @@ def run_sddmm(M, N, K, b, density, device, dtype):
                 out = vals[pos, rows - br * b, col - bc * b]
             err = ((out.float() - want).norm() / want.norm()).item()
             ms = time_ms(fn, device)
+            gbps = nbytes / ms / 1e6
+            if copy_bw:
+                note = f"{gbps / copy_bw:.0%} of copy bandwidth"
         except Exception as exc:  # report, keep going
             ms, note = None, f"failed: {type(exc).__name__}: {str(exc)[:70]}"
         results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
-                              gbps=nbytes / ms / 1e6 if ms else None, rel_err=err, note=note,
+                              gbps=gbps, rel_err=err, note=note,
                               extra=dict(shape=(M, N, K), block_size=b, density=density)))
     base = results[0].ms
     for r in results:
@@ -233,10 +248,11 @@ def main(argv=None):
     layer_cases = GPU_LAYERS if device.type == "cuda" else CPU_LAYERS
     if args.quick:
         sddmm_cases = sddmm_cases[:2]
+    copy_bw = copy_gbps(device)
     sddmm = []
     for case in sddmm_cases:
-        sddmm += run_sddmm(*case, device, dtype)
-    title = f"masked-gradient SDDMM, {dtype}, {device.type}"
+        sddmm += run_sddmm(*case, device, dtype, copy_bw)
+    title = f"masked-gradient SDDMM, {dtype}, {device.type}; copy bandwidth in this run {copy_bw:.0f} GB/s"
     print_table(title, sddmm)
     layer_results = []
     for case in layer_cases:
@@ -246,7 +262,8 @@ def main(argv=None):
     print_state_table(layer_results)
     print_targets(sddmm, layer_results, device, dtype)
     if args.json:
-        write_json(args.json, title + " / " + title2, environment(device), sddmm + layer_results)
+        env = dict(environment(device), copy_GBps=copy_bw)
+        write_json(args.json, title + " / " + title2, env, sddmm + layer_results)
     return sddmm + layer_results
 
 

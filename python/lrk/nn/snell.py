@@ -19,7 +19,11 @@ SNELLA (``learnable_kernel=True``): the kernel's scalars become trainable, one
 ``[scale, log gamma]`` (gamma = exp of it stays positive). The forward goes through
 ``lrk.snella_linear``, whose backward also returns the scalars' gradient (summed over
 the kept entries). The across-layer half of SNELLA, the budget allocator, is in
-:mod:`lrk.nn.snell_budget`: it sets each layer's ``sparsity``.
+:mod:`lrk.nn.snell_budget`: it sets each layer's ``sparsity``. SNELLA's released code
+learns other scalars, ``Kmat + alpha * softmax(Kmat / T) + beta`` (alpha, T, beta); that
+softmax runs over a whole row of ``Kmat``, so the gradient of every kept entry reaches
+every entry of its row and the backward would cost ``N x K``, not the kept entries:
+lrk learns the kernel's own scalars instead.
 
 Note: SNELL's released code multiplies the kept entries by their own detached
 magnitude (``W * F.threshold(|W|, t, 0)``); this module implements the binary mask of

@@ -60,6 +60,7 @@ def _layers_or_raise(model: nn.Module) -> dict[str, SNELLLinear]:
 class SNELLImportance:
     """Moving averages of the importance ``|theta * grad|`` of every SNELL layer's
     factors and of its uncertainty; :meth:`scores` gives one number per layer.
+    Memory: two float32 (float64) tensors the size of each layer's A and B.
 
     Args:
         model: holds the SNELLLinear layers (found once, at construction).

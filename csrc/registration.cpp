@@ -176,4 +176,11 @@ TORCH_LIBRARY(lrk, m) {
   m.def("snell_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, str kernel, float sparsity, int block_size=0, float[] head_coeffs=[], float gamma=1.0, float scale=1.0) -> Tensor");
   // Backward: (grad_x, grad_lora_a, grad_lora_b); grad_x is empty unless need_grad_x.
   m.def("snell_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, str kernel, float sparsity, int block_size, float[] head_coeffs, float gamma, float scale, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
+  // SNELLA: the same with learnable kernel scalars, kernel_params (1-D): "linear"
+  // [scale], "piecewise_linear" [c_0 .. c_{H-1}] (one per head), "rbf" [scale, gamma];
+  // autograd also reaches kernel_params. The _bwd op returns
+  // (grad_x, grad_lora_a, grad_lora_b, grad_kernel_params).
+  m.def("snella_delta(Tensor lora_a, Tensor lora_b, Tensor kernel_params, str kernel, float sparsity, int block_size=0) -> Tensor");
+  m.def("snella_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor kernel_params, str kernel, float sparsity, int block_size=0) -> Tensor");
+  m.def("snella_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor kernel_params, str kernel, float sparsity, int block_size, bool need_grad_x) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -30,6 +30,8 @@ from .sparse_ops import (  # noqa: E402
     sddmm_csr,
     snell_delta,
     snell_linear,
+    snella_delta,
+    snella_linear,
     sparse_grad_linear_block,
     sparse_grad_linear_csr,
 )
@@ -40,7 +42,7 @@ __all__ = [
     "multi_lora_shrink", "multi_lora_shrink_segments", "multi_lora_expand_", "multi_lora_expand_segments_",
     "add_multi_lora_", "GaLoreAdamW", "kron_linear", "kron_dense", "kpsvd", "KronFactors",
     "sddmm_block", "sddmm_csr", "abs_kth_value", "abs_topk_mask", "block_scores", "sparse_grad_linear_block",
-    "sparse_grad_linear_csr", "snell_linear", "snell_delta",
+    "sparse_grad_linear_csr", "snell_linear", "snell_delta", "snella_linear", "snella_delta",
     "ops", "multi_lora_ops", "galore_ops", "kron_ops", "kron_select", "sparse_ops", "reference", "reference_multi_lora",
     "reference_galore", "reference_kron", "reference_sparse", "nn", "optim", "has_cuda_kernels", "__version__",
 ]

@@ -109,3 +109,29 @@ def snell_linear(x: Tensor, weight: Tensor, bias, lora_a: Tensor, lora_b: Tensor
     """``x @ (W + Delta)^T + bias`` with the dense delta."""
     delta = snell_delta(lora_a, lora_b, kernel, sparsity, block_size, head_coeffs, gamma, scale)
     return F.linear(x, weight + delta.to(weight.dtype), bias)
+
+
+def _snella_scalars(kernel: str, kernel_params: Tensor) -> dict:
+    """SNELLA's kernel_params as snell_delta's keyword arguments (0-D tensors, so autograd reaches them)."""
+    p = list(kernel_params.unbind())
+    if kernel == "linear":
+        return dict(scale=p[0])
+    if kernel == "piecewise_linear":
+        return dict(head_coeffs=p)
+    if kernel == "rbf":
+        return dict(scale=p[0], gamma=p[1])
+    raise ValueError(f"kernel: unknown {kernel!r}")
+
+
+def snella_delta(lora_a: Tensor, lora_b: Tensor, kernel_params: Tensor, kernel: str, sparsity: float,
+                 block_size: int = 0) -> Tensor:
+    """SNELLA's delta: :func:`snell_delta` with the kernel scalars taken from ``kernel_params``
+    (linear ``[scale]``, piecewise_linear ``[c_h]``, rbf ``[scale, gamma]``), differentiable in them."""
+    return snell_delta(lora_a, lora_b, kernel, sparsity, block_size, **_snella_scalars(kernel, kernel_params))
+
+
+def snella_linear(x: Tensor, weight: Tensor, bias, lora_a: Tensor, lora_b: Tensor, kernel_params: Tensor, kernel: str,
+                  sparsity: float, block_size: int = 0) -> Tensor:
+    """``x @ (W + Delta)^T + bias`` with SNELLA's dense delta."""
+    delta = snella_delta(lora_a, lora_b, kernel_params, kernel, sparsity, block_size)
+    return F.linear(x, weight + delta.to(weight.dtype), bias)

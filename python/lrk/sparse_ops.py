@@ -1,6 +1,6 @@
 """Python side of lrk's sparse-update ops (ops.md section 4): fake (meta) kernels,
 autograd formulas and thin wrappers for the SDDMM, the selection ops, SaRA's
-``sparse_grad_linear_*`` and SNELL's ``snell_linear``.
+``sparse_grad_linear_*``, SNELL's ``snell_linear`` and SNELLA's ``snella_linear``.
 
 Schemas live in csrc/registration.cpp; kernels in csrc/sparse/.
 
@@ -286,3 +286,77 @@ def snell_delta(lora_a: Tensor, lora_b: Tensor, kernel: str = "piecewise_linear"
     differentiable in lora_a and lora_b (the dense path; :func:`snell_linear` avoids it)."""
     return torch.ops.lrk.snell_delta(lora_a, lora_b, kernel, float(sparsity), int(block_size),
                                      [float(c) for c in head_coeffs], float(gamma), float(scale))
+
+
+# ----------------------------------------------------------------------------- SNELLA
+
+
+@torch.library.register_fake("lrk::snella_linear")
+def _snella_linear_fake(x, weight, bias, lora_a, lora_b, kernel_params, kernel, sparsity, block_size=0):
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
+                 lambda: f"weight: expected shape [out_features, {x.shape[-1]}], got {tuple(weight.shape)}")
+    return _linear_fake(x, weight)
+
+
+@torch.library.register_fake("lrk::snella_linear_bwd")
+def _snella_linear_bwd_fake(grad_y, x, weight, lora_a, lora_b, kernel_params, kernel, sparsity, block_size,
+                            need_grad_x):
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return (grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
+            kernel_params.new_empty(kernel_params.shape))
+
+
+def _snella_setup(ctx, inputs, output):
+    x, weight, _, lora_a, lora_b, kernel_params, *params = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, kernel_params)  # no Kmat, no mask, no index
+    ctx.params = params
+
+
+def _snella_backward(ctx, grad_y):
+    x, weight, lora_a, lora_b, kernel_params = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_k = ctx.needs_input_grad[:6]
+    gx = grad_a = grad_b = grad_k = None
+    if need_x or need_a or need_b or need_k:
+        gx, grad_a, grad_b, grad_k = torch.ops.lrk.snella_linear_bwd(grad_y, x, weight, lora_a, lora_b, kernel_params,
+                                                                     *ctx.params, need_x)
+    _, grad_w, grad_bias = _dense_grads(ctx, grad_y, x, weight)
+    return ((gx if need_x else None), grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None,
+            grad_k if need_k else None, None, None, None)
+
+
+torch.library.register_autograd("lrk::snella_linear", _snella_backward, setup_context=_snella_setup)
+
+
+def snella_kernel_params_size(kernel: str, heads: int = 2) -> int:
+    """Length of ``kernel_params`` for a kernel: linear 1 ``[scale]``, piecewise_linear
+    ``heads`` ``[c_0 .. c_{H-1}]``, rbf 2 ``[scale, gamma]``."""
+    if kernel not in SNELL_KERNELS:
+        raise ValueError(f"kernel: expected one of {SNELL_KERNELS}, got {kernel!r}")
+    return {"linear": 1, "piecewise_linear": heads, "rbf": 2}[kernel]
+
+
+def snella_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                  kernel_params: Tensor, kernel: str = "piecewise_linear", sparsity: float = 0.9,
+                  block_size: int = 0) -> Tensor:
+    """SNELLA: :func:`snell_linear` with learnable kernel scalars, differentiable in
+    ``kernel_params`` too (1-D, on the factors' device, any float dtype):
+
+    * ``"linear"``: ``[scale]``, ``Kmat = scale * a_i . b_j``;
+    * ``"piecewise_linear"``: ``[c_0, ..., c_{H-1}]``, ``Kmat = sum_h c_h ||a_i^h - b_j^h||``
+      (H heads, equal slices of the rank);
+    * ``"rbf"``: ``[scale, gamma]``, ``Kmat = scale * exp(-gamma ||a_i - b_j||^2)``
+      (gamma must stay positive; checked for CPU tensors only, as reading a GPU value
+      would synchronise: :class:`lrk.nn.SNELLLinear` keeps it positive through ``log gamma``).
+
+    The competition mask is a constant for autograd, as in SNELL; the scalars'
+    gradient is summed over the kept entries only (``O(nnz * r)``, nothing dense kept).
+    """
+    return torch.ops.lrk.snella_linear(x, weight, bias, lora_a, lora_b, kernel_params, kernel, float(sparsity),
+                                       int(block_size))
+
+
+def snella_delta(lora_a: Tensor, lora_b: Tensor, kernel_params: Tensor, kernel: str = "piecewise_linear",
+                 sparsity: float = 0.9, block_size: int = 0) -> Tensor:
+    """SNELLA's sparse delta ``[N, K]`` (dense storage, float32; float64 for float64
+    factors), differentiable in lora_a, lora_b and kernel_params (the dense path)."""
+    return torch.ops.lrk.snella_delta(lora_a, lora_b, kernel_params, kernel, float(sparsity), int(block_size))

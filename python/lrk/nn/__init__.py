@@ -4,6 +4,7 @@ from .lora import LoRALinear, apply_lora
 from .multi_lora import MultiLoRABatch, MultiLoRALinear, MultiLoRAManager, apply_multi_lora
 from .sara import SaRALinear, apply_delta, apply_sara, attach_sara, merge_sara, sara_layers
 from .snell import SNELLLinear, apply_snell, merge_snell
+from .snell_budget import SNELLImportance, allocate_snell_budget, snell_budget_schedule, snell_layers
 
 __all__ = [
     "LoRALinear", "apply_lora",
@@ -11,4 +12,5 @@ __all__ = [
     "KronLinear", "apply_kron", "prune_kron", "load_peft_lokr",
     "SaRALinear", "apply_sara", "attach_sara", "merge_sara", "apply_delta", "sara_layers",
     "SNELLLinear", "apply_snell", "merge_snell",
+    "SNELLImportance", "allocate_snell_budget", "snell_budget_schedule", "snell_layers",
 ]

@@ -13,6 +13,18 @@ Kernels (``Kmat[i, j]``): ``"linear"`` ``a_i . b_j``; ``"piecewise_linear"``
 ``sum_h c_h ||a_i^h - b_j^h||_2`` (SNELL's released code: heads are equal slices of
 the rank, frozen ``c_h = 0.1 * (-1)^h``); ``"rbf"`` ``exp(-gamma ||a_i - b_j||^2)``.
 
+SNELLA (``learnable_kernel=True``): the kernel's scalars become trainable, one
+``kernel_scalars`` parameter per layer: ``"linear"`` ``[scale]``, ``"piecewise_linear"``
+``[c_0 .. c_{H-1}]`` (the head coefficients, ``scale`` folded in), ``"rbf"``
+``[scale, log gamma]`` (gamma = exp of it stays positive). The forward goes through
+``lrk.snella_linear``, whose backward also returns the scalars' gradient (summed over
+the kept entries). The across-layer half of SNELLA, the budget allocator, is in
+:mod:`lrk.nn.snell_budget`: it sets each layer's ``sparsity``. SNELLA's released code
+learns other scalars, ``Kmat + alpha * softmax(Kmat / T) + beta`` (alpha, T, beta); that
+softmax runs over a whole row of ``Kmat``, so the gradient of every kept entry reaches
+every entry of its row and the backward would cost ``N x K``, not the kept entries:
+lrk learns the kernel's own scalars instead.
+
 Note: SNELL's released code multiplies the kept entries by their own detached
 magnitude (``W * F.threshold(|W|, t, 0)``); this module implements the binary mask of
 ops.md, ``Delta = Kmat * mask``.
@@ -41,11 +53,13 @@ class SNELLLinear(nn.Module):
         heads: heads of the piecewise-linear kernel (must divide ``rank``);
         head_coeffs: their frozen coefficients (default SNELL's ``0.1 * (-1)^h``).
         gamma: RBF width. scale: multiplies kappa (all kernels).
+        learnable_kernel: SNELLA: train the kernel's scalars (``kernel_scalars``,
+            float32, float64 for float64 weights), initialised from the values above.
     """
 
     def __init__(self, base: nn.Linear, rank: int = 8, kernel: str = "piecewise_linear", sparsity: float = 0.9,
                  block_size: int = 0, heads: int = 2, head_coeffs: Optional[Sequence[float]] = None,
-                 gamma: float = 1.0, scale: float = 1.0):
+                 gamma: float = 1.0, scale: float = 1.0, learnable_kernel: bool = False):
         super().__init__()
         if kernel not in sp.SNELL_KERNELS:
             raise ValueError(f"kernel: expected one of {sp.SNELL_KERNELS}, got {kernel!r}")
@@ -55,6 +69,10 @@ class SNELLLinear(nn.Module):
             raise ValueError(f"block_size: expected 0 or one of 16, 32, 64, 128, got {block_size}")
         if rank < 1:
             raise ValueError(f"rank: expected at least 1, got {rank}")
+        if kernel == "rbf" and not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma: expected a positive number, got {gamma}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite number, got {scale}")
         w = base.weight
         n, k = w.shape
         self.in_features, self.out_features = k, n
@@ -77,16 +95,38 @@ class SNELLLinear(nn.Module):
         with torch.no_grad():
             self.lora_a.uniform_(-1 / math.sqrt(n * head_dim), 1 / math.sqrt(n * head_dim))
             self.lora_b.uniform_(-1 / math.sqrt(k * head_dim), 1 / math.sqrt(k * head_dim))
+        self.learnable_kernel = bool(learnable_kernel)
+        if self.learnable_kernel:
+            initial = {"linear": [self.scale], "piecewise_linear": [c * self.scale for c in self.head_coeffs],
+                       "rbf": [self.scale, math.log(self.gamma)]}[kernel]
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            self.kernel_scalars = nn.Parameter(torch.tensor(initial, dtype=acc, device=w.device))
+        else:
+            self.kernel_scalars = None
+
+    def kernel_params(self) -> Tensor:
+        """SNELLA: the op's ``kernel_params`` from ``kernel_scalars`` (rbf: gamma = exp), differentiable."""
+        if not self.learnable_kernel:
+            raise RuntimeError("kernel_params: this SNELLLinear was built with learnable_kernel=False")
+        if self.kernel == "rbf":
+            return torch.cat([self.kernel_scalars[:1], self.kernel_scalars[1:].exp()])
+        return self.kernel_scalars
 
     def _args(self):
         return (self.kernel, self.sparsity, self.block_size, self.head_coeffs, self.gamma, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.learnable_kernel:
+            return sp.snella_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.kernel_params(),
+                                    self.kernel, self.sparsity, self.block_size)
         return sp.snell_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, *self._args())
 
     @torch.no_grad()
     def delta(self) -> Tensor:
         """The current sparse delta, dense ``[out, in]`` (float32; float64 for float64 factors)."""
+        if self.learnable_kernel:
+            return sp.snella_delta(self.lora_a, self.lora_b, self.kernel_params(), self.kernel, self.sparsity,
+                                   self.block_size)
         return sp.snell_delta(self.lora_a, self.lora_b, *self._args())
 
     @torch.no_grad()
@@ -108,7 +148,8 @@ class SNELLLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_a.shape[1]}, "
-                f"kernel={self.kernel}, sparsity={self.sparsity}, block_size={self.block_size}")
+                f"kernel={self.kernel}, sparsity={self.sparsity}, block_size={self.block_size}, "
+                f"learnable_kernel={self.learnable_kernel}")
 
 
 def apply_snell(model: nn.Module, targets: Union[Iterable[str], Callable[[str], bool], None] = None,

@@ -57,7 +57,8 @@ bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w
   const int64_t pitch = tma_pitch(k2);
   at::Tensor factor = b;  // B's rows serve as they are when nothing is appended and the pitch suits TMA
   if (has_bias || pitch != d.r) {
-    factor = at::zeros({d.N, pitch}, b.options());
+    // Columns past k2 are padding that TMA never reads (it zero-fills past the extent).
+    factor = at::empty({d.N, pitch}, b.options());
     factor.narrow(1, 0, d.r).copy_(b);
     if (has_bias) factor.select(1, d.r).copy_(*bias);
   }
@@ -139,12 +140,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
   at::Tensor dh, dh32, grad_a, grad_b;
   if (use_skinny_kernels(x)) {
     const auto f32 = x.options().dtype(at::kFloat);
-    dh32 = at::zeros({d.M, d.r}, f32);
-    at::Tensor gbt32 = at::zeros({d.r, d.N}, f32);
+    // The three fp32 accumulators (blocks add into them atomically), zeroed by one memset.
+    at::Tensor acc32 = at::zeros({d.M * d.r + d.r * d.N + d.r * d.K}, f32);
+    dh32 = acc32.narrow(0, 0, d.M * d.r).view({d.M, d.r});
+    at::Tensor gbt32 = acc32.narrow(0, d.M * d.r, d.r * d.N).view({d.r, d.N});
+    at::Tensor ga32 = acc32.narrow(0, d.M * d.r + d.r * d.N, d.r * d.K).view({d.r, d.K});
     // dh = s * dy @ B and dB^T = s * h^T @ dy from one read of dy.
     skinny_rows_cols_gemm_cuda(dy, lora_b.contiguous(), h2, dh32, gbt32, scale);
     dh = dh32.to(dtype);
-    at::Tensor ga32 = at::zeros({d.r, d.K}, f32);
     skinny_cols_gemm_cuda(dh, x2, ga32, 1.0, make_dropout_params(dropout_p, seed));  // dA = dh^T @ x~
     grad_a = ga32.to(dtype);
     grad_b = gbt32.t().to(dtype).contiguous();

@@ -60,7 +60,7 @@ export PYTHONPATH=$ROOT/python:$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 # hangs or fails there must not take the whole lease, so the rest of the run
 # then goes on with the portable path (LRK_DISABLE_SM90=1) and says so.
 log "Hopper LoRA smoke test"
-timeout "${LRK_SMOKE_SECONDS:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_lora_fused.py \
+timeout "${LRK_SMOKE_SECONDS:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_lora_fused.py tests/test_dora_fused.py \
   -k "hopper and bf16 and nodrop and not portable" -x -rfs > "$OUT/hopper_smoke.txt" 2>&1
 rc=$?
 log "Hopper smoke rc=$rc" | tee -a "$OUT/hopper_smoke.txt"

@@ -74,3 +74,18 @@ def lora_inputs(lead, K, N, r, dtype, device, bias=True, weight_grad=False):
 def reference_leaves(*tensors):
     """float64 CPU copies (leaves, same requires_grad) for the reference computation."""
     return [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+
+
+# lora_fused / dora_fused shapes for the Hopper path (sm_90a builds on an H100/H200,
+# bf16/fp16), which needs K and N multiples of 8. They cross its tile edges: M
+# past the 128-row tile, N past a 256-column tile, K past a 64-deep k-tile, ranks
+# whose rows need padding, LoRA's bias column (k2 = r + 1), and r = 256 with a
+# bias, one column too many for LoRA's kernel, which must fall back.
+HOPPER_SHAPES = [
+    ((300,), 1032, 776, 5),
+    ((257,), 384, 264, 200),
+    ((2, 48), 2056, 136, 17),
+    ((129,), 64, 8, 1),
+    ((65,), 128, 128, 256),
+]
+

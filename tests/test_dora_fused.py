@@ -5,8 +5,8 @@ import torch
 
 import lrk
 from lrk import reference as ref
-from conftest import DEVICES
-from helpers import assert_close, lora_inputs, poison_cuda_allocator, reference_leaves
+from conftest import CUDA_SKIP, DEVICES
+from helpers import HOPPER_SHAPES, assert_close, lora_inputs, poison_cuda_allocator, reference_leaves
 
 SHAPES = [
     ((0,), 40, 24, 3),
@@ -32,8 +32,25 @@ def _magnitude(w, dtype, device):
 def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
     if dtype == torch.float64 and device == "cuda" and lead[0] > 100:
         pytest.skip("fp64 on CUDA is covered by the small shapes")
+    check_dora_against_reference(device, dtype, lead, K, N, r, p)
+
+
+@CUDA_SKIP
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["hopper", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lead,K,N,r", HOPPER_SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "dropout"])
+def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
+    # Hopper: g and the bias in the GEMM's epilogue; elsewhere both settings compose.
+    monkeypatch.setenv("LRK_DISABLE_SM90", "1" if path == "portable" else "0")
+    check_dora_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
+
+
+def check_dora_against_reference(device, dtype, lead, K, N, r, p, bias=True):
     scale, seed = 1.3, int(torch.randint(0, 2**40, ()).item())
-    x, w, b, a, bb = lora_inputs(lead, K, N, r, dtype, device, weight_grad=(r == 4))
+    x, w, b, a, bb = lora_inputs(lead, K, N, r, dtype, device, bias=bias, weight_grad=(r == 4))
     m = _magnitude(w, dtype, device)
     poison_cuda_allocator(device)
     y = lrk.dora_fused(x, w, b, a, bb, m, scale, p, seed)

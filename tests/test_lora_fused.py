@@ -6,7 +6,7 @@ import torch
 import lrk
 from lrk import reference as ref
 from conftest import CUDA_SKIP, DEVICES
-from helpers import assert_close, lora_inputs as _inputs, poison_cuda_allocator, reference_leaves
+from helpers import HOPPER_SHAPES, assert_close, lora_inputs as _inputs, poison_cuda_allocator, reference_leaves
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
 # ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path).
@@ -22,20 +22,6 @@ SHAPES = [
     ((130,), 64, 520, 48),
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-# The Hopper path (sm_90a builds on an H100/H200, bf16/fp16) needs K and N
-# multiples of 8. These shapes cross its tile edges: M past the 128-row tile,
-# N past a 256-column tile, K past a 64-deep k-tile, ranks whose rows need
-# padding, the bias column (k2 = r + 1), and r = 256 with a bias, one column
-# too many for the kernel, which must fall back to the portable path.
-HOPPER_SHAPES = [
-    ((300,), 1032, 776, 5),
-    ((257,), 384, 264, 200),
-    ((2, 48), 2056, 136, 17),
-    ((129,), 64, 8, 1),
-    ((65,), 128, 128, 256),
-]
 
 
 def check_against_reference(device, dtype, lead, K, N, r, p, bias=True):

@@ -6,14 +6,16 @@
 // LoRA's backward on grad_y * g plus grad_m = sum_rows(grad_y * y_unscaled) / norm.
 // The kernels compose ATen and lrk ops, so one implementation serves every device
 // (registered as CompositeExplicitAutograd; autograd and fakes come from Python),
-// except the elementwise part of the backward, which has a one-pass CUDA kernel
-// for bf16/fp16 (dora_grad.h).
+// except two CUDA shortcuts for bf16/fp16: the elementwise part of the backward
+// in one pass (dora_grad.h), and on Hopper the whole forward in one GEMM whose
+// epilogue applies g and the bias (lora_cuda.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common/autocast.h"
 #ifdef LRK_WITH_CUDA
 #include "lora/dora_grad.h"
+#include "lora/lora_cuda.h"
 #endif
 #include "lora/lora_checks.h"
 
@@ -91,6 +93,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_fwd(
       c10::Dispatcher::singleton().findSchemaOrThrow("lrk::lora_fused_fwd", "").typed<LoraFwdFn>();
   const at::Tensor norm = dora_weight_norm(weight, lora_a, lora_b, scale, weight_sq_norm);
   const at::Tensor g = magnitude.to(norm.scalar_type()) / norm;  // [N]
+#ifdef LRK_WITH_CUDA
+  {  // Hopper: g and the bias applied in the GEMM's epilogue, y_unscaled stored beside y.
+    at::Tensor y, h, y_unscaled;
+    if (dora_forward_hopper(x, weight, bias, lora_a, lora_b, g, scale, dropout_p, seed, y, h, y_unscaled)) {
+      return {y, h, y_unscaled, norm};
+    }
+  }
+#endif
   auto [y_unscaled, h] = lora_fwd.call(x, weight, std::nullopt, lora_a, lora_b, scale, dropout_p, seed);
   // One elementwise pass, computed in float32 and rounded once.
   at::Tensor y = at::empty_like(y_unscaled);

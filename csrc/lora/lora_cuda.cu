@@ -22,7 +22,9 @@
 #include "common/autocast.h"
 #include "common/dropout.h"
 #include "common/skinny_gemm.h"
+#include "common/cuda_utils.cuh"
 #include "lora/lora_checks.h"
+#include "lora/lora_cuda.h"
 #include "lora/lora_pack.h"
 #ifdef LRK_HAVE_SM90_KERNELS
 #include "lora/sm90/concat_k_gemm.h"
@@ -47,12 +49,16 @@ bool hopper_path_wanted(const at::Tensor& x) {
 }
 
 #ifdef LRK_HAVE_SM90_KERNELS
-// y = [x | s*h | 1] @ [W | B | bias]^T in one GEMM; also h (rounded) for backward.
-// False (nothing written) when the operands do not suit the kernel.
-bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w,
-                    const std::optional<at::Tensor>& bias, const at::Tensor& b, const at::Tensor& h32,
-                    double scale, at::Tensor& y, at::Tensor& h) {
-  const bool has_bias = bias.has_value() && bias->defined();
+// The extra reduction columns of y = [x | s*h (| 1)] @ [W | B (| bias)]^T: `packed`
+// [M, pitch] (filled later from h32) and `factor` [N, pitch], k2 of their columns read.
+struct ConcatColumns {
+  at::Tensor packed, factor;
+  int64_t k2;
+};
+
+ConcatColumns concat_columns(const LoraDims& d, const at::Tensor& x2, const at::Tensor& b,
+                             const std::optional<at::Tensor>& bias_column) {
+  const bool has_bias = bias_column.has_value() && bias_column->defined();
   const int64_t k2 = d.r + (has_bias ? 1 : 0);
   const int64_t pitch = tma_pitch(k2);
   at::Tensor factor = b;  // B's rows serve as they are when nothing is appended and the pitch suits TMA
@@ -60,14 +66,22 @@ bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w
     // Columns past k2 are padding that TMA never reads (it zero-fills past the extent).
     factor = at::empty({d.N, pitch}, b.options());
     factor.narrow(1, 0, d.r).copy_(b);
-    if (has_bias) factor.select(1, d.r).copy_(*bias);
+    if (has_bias) factor.select(1, d.r).copy_(*bias_column);
   }
-  at::Tensor packed = at::empty({d.M, pitch}, x2.options());
+  return {at::empty({d.M, pitch}, x2.options()), factor, k2};
+}
+
+// y = [x | s*h | 1] @ [W | B | bias]^T in one GEMM; also h (rounded) for backward.
+// False (nothing written) when the operands do not suit the kernel.
+bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& b, const at::Tensor& h32,
+                    double scale, at::Tensor& y, at::Tensor& h) {
+  ConcatColumns cols = concat_columns(d, x2, b, bias);
   const auto layout = sm90::FactorLayout::kOutputsByReduction;
-  if (!sm90::concat_k_gemm_supported(x2, w, packed, k2, factor, layout, y)) return false;
+  if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y)) return false;
   h = at::empty({d.M, d.r}, x2.options());
-  pack_scaled_rows_cuda(h32, scale, has_bias, packed, &h);
-  sm90::concat_k_gemm(x2, w, packed, k2, factor, layout, y);
+  pack_scaled_rows_cuda(h32, scale, cols.k2 > d.r, cols.packed, &h);
+  sm90::concat_k_gemm(x2, w, cols.packed, cols.k2, cols.factor, layout, y);
   return true;
 }
 
@@ -184,6 +198,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
 }
 
 }  // namespace
+
+bool dora_forward_hopper(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& g, double scale,
+                         double dropout_p, int64_t seed, at::Tensor& y, at::Tensor& h, at::Tensor& y_unscaled) {
+#ifdef LRK_HAVE_SM90_KERNELS
+  if (!x.is_cuda() || !hopper_path_wanted(x) || g.scalar_type() != at::kFloat) return false;
+  const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias && (!bias->is_contiguous() || !cuda::aligned16(bias->const_data_ptr()))) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  ConcatColumns cols = concat_columns(d, x2, lora_b.contiguous(), std::nullopt);  // bias: in the epilogue
+  at::Tensor y2 = at::empty({d.M, d.N}, x.options());
+  const auto layout = sm90::FactorLayout::kOutputsByReduction;
+  if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y2)) return false;
+  at::Tensor h32 = at::zeros({d.M, d.r}, x.options().dtype(at::kFloat));
+  skinny_rows_gemm_cuda(x2, lora_a.contiguous(), h32, 1.0, make_dropout_params(dropout_p, seed));
+  at::Tensor h2 = at::empty({d.M, d.r}, x.options());
+  pack_scaled_rows_cuda(h32, scale, false, cols.packed, &h2);
+  at::Tensor yu2 = at::empty({d.M, d.N}, x.options());
+  sm90::concat_k_gemm_dora(x2, w, cols.packed, cols.k2, cols.factor, g.contiguous(), bias, y2, yu2);
+  y = y2.reshape(with_last_dim(x, d.N));
+  y_unscaled = yu2.reshape(with_last_dim(x, d.N));
+  h = h2.reshape(with_last_dim(x, d.r));
+  return true;
+#else
+  (void)x, (void)weight, (void)bias, (void)lora_a, (void)lora_b, (void)g, (void)scale, (void)dropout_p, (void)seed;
+  (void)y, (void)h, (void)y_unscaled;
+  return false;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(lrk, CUDA, m) {
   m.impl("lora_fused_fwd", &lora_fused_fwd_cuda);

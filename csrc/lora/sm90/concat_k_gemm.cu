@@ -57,4 +57,31 @@ void concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a
   }
 }
 
+void concat_k_gemm_dora(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                        const at::Tensor& b2, const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                        at::Tensor& out, at::Tensor& out_unscaled) {
+  const auto layout = FactorLayout::kOutputsByReduction;
+  TORCH_CHECK(concat_k_gemm_supported(a, b, a2, k2, b2, layout, out) &&
+                  concat_k_gemm_supported(a, b, a2, k2, b2, layout, out_unscaled),
+              "lrk concat_k_gemm_dora: operands not supported (caller must check concat_k_gemm_supported)");
+  const int64_t N = out.size(1);
+  TORCH_CHECK(out_unscaled.strides() == out.strides(), "lrk concat_k_gemm_dora: out_unscaled must be strided like out");
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && g.numel() == N && g.device() == a.device() &&
+                  reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0,
+              "lrk concat_k_gemm_dora: g must be a contiguous, 16-byte aligned float32 [", N, "] on a's device");
+  const at::Tensor* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == a.scalar_type() && bias->is_contiguous() && bias->numel() == N &&
+                    bias->device() == a.device() && reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 == 0,
+                "lrk concat_k_gemm_dora: bias must be a contiguous, 16-byte aligned [", N, "] of a's dtype");
+    bias_ptr = &*bias;
+  }
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.scalar_type() == at::kBFloat16) {
+    run_concat_k_gemm_dora<at::BFloat16>(a, b, a2, k2, b2, g, bias_ptr, out, out_unscaled);
+  } else {
+    run_concat_k_gemm_dora<at::Half>(a, b, a2, k2, b2, g, bias_ptr, out, out_unscaled);
+  }
+}
+
 }  // namespace lrk::sm90

@@ -25,10 +25,22 @@ bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at:
 void concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
                    const at::Tensor& b2, FactorLayout layout, at::Tensor& out);
 
+// DoRA's forward in the same GEMM (second factors stored [Nout, K]):
+//   out_unscaled = a @ b^T + a2[:, :k2] @ b2^T,   out = g[n] * out_unscaled + bias[n]
+// with out computed from the fp32 accumulator (rounded once). g: float32 [Nout];
+// bias: null or [Nout] in a's dtype; out_unscaled shaped and strided like out.
+void concat_k_gemm_dora(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                        const at::Tensor& b2, const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                        at::Tensor& out, at::Tensor& out_unscaled);
+
 // The kernels, instantiated per element type and layout in their own
 // translation units (each CUTLASS kernel is a long compile).
 template <class T, FactorLayout kLayout>
 void run_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
                        const at::Tensor& b2, at::Tensor& out);
+template <class T>
+void run_concat_k_gemm_dora(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                            const at::Tensor& b2, const at::Tensor& g, const at::Tensor* bias, at::Tensor& out,
+                            at::Tensor& out_unscaled);
 
 }  // namespace lrk::sm90

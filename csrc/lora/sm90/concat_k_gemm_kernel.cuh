@@ -25,10 +25,29 @@ struct CutlassElement<at::Half> {
   using type = cutlass::half_t;
 };
 
-template <class Element, FactorLayout kLayout>
+using TileShape = Shape<_128, _256, _64>;
+
+// The plain epilogue: D = acc (no source operand read).
+template <class Element>
+using PlainEpilogue = cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>;
+
+// DoRA's epilogue: D = g[n] * acc + bias[n], and acc itself (y_unscaled, which
+// the magnitude's gradient needs) stored from registers as an auxiliary output.
+// A null bias pointer broadcasts 0.
+template <class Element>
+using DoraEpilogue = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Element, float,
+                                           cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90AuxStore<0, void, Element, cutlass::FloatRoundStyle::round_to_nearest,
+                                                cutlass::layout::RowMajor, void, void>,
+        cutlass::epilogue::fusion::Sm90AccFetch>,
+    cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, 8>>;
+
+template <class Element, FactorLayout kLayout, class Fusion = PlainEpilogue<Element>>
 struct ConcatKGemmConfig {
   static constexpr int kAlign = 8;  // 16 bytes of bf16/fp16: TMA's unit
-  using TileShape = Shape<_128, _256, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
   using LayoutA = cutlass::layout::RowMajor;  // a [M, K]: K contiguous
   // CUTLASS's B is K x N: column-major means K contiguous (b [Nout, K] rows).
@@ -39,7 +58,7 @@ struct ConcatKGemmConfig {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, Element, LayoutD,
-      kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
 
   using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
@@ -68,11 +87,11 @@ struct ConcatKGemmConfig {
 
 inline const char* cutlass_status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
 
-template <class T, FactorLayout kLayout>
-void run_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
-                       const at::Tensor& b2, at::Tensor& out) {
+// Runs the configured kernel; `fusion` holds the epilogue's own arguments.
+template <class Cfg, class T>
+void launch_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                          const at::Tensor& b2, at::Tensor& out, const typename Cfg::Epilogue::FusionCallbacks::Arguments& fusion) {
   using Element = typename CutlassElement<T>::type;
-  using Cfg = ConcatKGemmConfig<Element, kLayout>;
   using Gemm = typename Cfg::Gemm;
 
   const int M = static_cast<int>(a.size(0));
@@ -85,8 +104,8 @@ void run_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tenso
                                              ptr(a2), Cfg::stride_a(a2.stride(0)), ptr(b2), Cfg::stride_b(b2.stride(0)),
                                              K,       K2};
   typename Cfg::StrideD stride_d{out.stride(0), Int<1>{}, int64_t(0)};
-  typename Cfg::Epilogue::Arguments epilogue{
-      {1.0f, 0.0f}, nullptr, stride_d, reinterpret_cast<Element*>(out.data_ptr()), stride_d};
+  typename Cfg::Epilogue::Arguments epilogue{fusion, nullptr, stride_d, reinterpret_cast<Element*>(out.data_ptr()),
+                                             stride_d};
 
   cutlass::KernelHardwareInfo hw_info;
   hw_info.device_id = a.get_device();
@@ -111,6 +130,32 @@ void run_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   TORCH_CHECK(status == cutlass::Status::kSuccess, "lrk concat_k_gemm: launch failed (", cutlass_status_name(status),
               ")");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class T, FactorLayout kLayout>
+void run_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                       const at::Tensor& b2, at::Tensor& out) {
+  using Cfg = ConcatKGemmConfig<typename CutlassElement<T>::type, kLayout>;
+  typename Cfg::Epilogue::FusionCallbacks::Arguments fusion{};
+  fusion.alpha = 1.0f;
+  fusion.beta = 0.0f;
+  launch_concat_k_gemm<Cfg, T>(a, b, a2, k2, b2, out, fusion);
+}
+
+template <class T>
+void run_concat_k_gemm_dora(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                            const at::Tensor& b2, const at::Tensor& g, const at::Tensor* bias, at::Tensor& out,
+                            at::Tensor& out_unscaled) {
+  using Element = typename CutlassElement<T>::type;
+  using Cfg = ConcatKGemmConfig<Element, FactorLayout::kOutputsByReduction, DoraEpilogue<Element>>;
+  using RowStride = Stride<_0, _1, int64_t>;
+  typename Cfg::Epilogue::FusionCallbacks::Arguments fusion{
+      {g.data_ptr<float>(), 1.0f, RowStride{}},                                              // g[n]
+      {{}, {reinterpret_cast<Element*>(out_unscaled.data_ptr()),
+            typename Cfg::StrideD{out_unscaled.stride(0), Int<1>{}, int64_t(0)}}},         // y_unscaled = acc
+      {bias != nullptr ? reinterpret_cast<Element const*>(bias->data_ptr()) : nullptr, Element(0), RowStride{}},
+      {}};                                                                                   // g * acc + bias
+  launch_concat_k_gemm<Cfg, T>(a, b, a2, k2, b2, out, fusion);
 }
 
 }  // namespace lrk::sm90

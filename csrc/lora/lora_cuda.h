@@ -1,0 +1,17 @@
+#pragma once
+// Entry points of lora_cuda.cu for other ops of the family (CUDA builds only).
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace lrk {
+
+// DoRA's forward on Hopper as one GEMM (lora/sm90/concat_k_gemm.h):
+//   y_unscaled = [x | s*h] @ [W | B]^T,  y = g[n] * y_unscaled + bias[n]   (g: float32 [N])
+// plus h for the backward. False, with nothing written, when the device, the
+// build or the operands do not take that path (the caller then composes it).
+bool dora_forward_hopper(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& g, double scale,
+                         double dropout_p, int64_t seed, at::Tensor& y, at::Tensor& h, at::Tensor& y_unscaled);
+
+}  // namespace lrk

@@ -61,7 +61,7 @@ export PYTHONPATH=$ROOT/python:$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 # then goes on with the portable path (LRK_DISABLE_SM90=1) and says so.
 log "Hopper LoRA smoke test"
 timeout "${LRK_SMOKE_SECONDS:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_lora_fused.py tests/test_dora_fused.py \
-  -k "hopper and bf16 and nodrop and not portable" -x -rfs > "$OUT/hopper_smoke.txt" 2>&1
+  -k "path_sm90 and bf16 and nodrop" -x -rfs > "$OUT/hopper_smoke.txt" 2>&1
 rc=$?
 log "Hopper smoke rc=$rc" | tee -a "$OUT/hopper_smoke.txt"
 if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then

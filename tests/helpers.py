@@ -1,6 +1,7 @@
 """Shared test helpers: tolerances, relative error, output poisoning, LoRA inputs."""
 import math
 
+import pytest
 import torch
 
 # ||out - ref|| / ||ref|| bounds by dtype (architecture.md).
@@ -89,3 +90,21 @@ HOPPER_SHAPES = [
     ((65,), 128, 128, 256),
 ]
 
+
+def hopper_and_portable_cases(test):
+    """Parametrises a CUDA test over the LoRA kernel path (Hopper / portable, set
+    through LRK_DISABLE_SM90 by the test), bf16/fp16, HOPPER_SHAPES, bias and dropout."""
+    from conftest import CUDA_SKIP
+
+    marks = [
+        CUDA_SKIP,
+        pytest.mark.cuda,
+        pytest.mark.parametrize("path", ["hopper", "portable"], ids=["path_sm90", "path_portable"]),
+        pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"]),
+        pytest.mark.parametrize("lead,K,N,r", HOPPER_SHAPES),
+        pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"]),
+        pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "dropout"]),
+    ]
+    for mark in reversed(marks):
+        test = mark(test)
+    return test

@@ -5,8 +5,8 @@ import torch
 
 import lrk
 from lrk import reference as ref
-from conftest import CUDA_SKIP, DEVICES
-from helpers import HOPPER_SHAPES, assert_close, lora_inputs, poison_cuda_allocator, reference_leaves
+from conftest import DEVICES
+from helpers import assert_close, hopper_and_portable_cases, lora_inputs, poison_cuda_allocator, reference_leaves
 
 SHAPES = [
     ((0,), 40, 24, 3),
@@ -35,13 +35,7 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
     check_dora_against_reference(device, dtype, lead, K, N, r, p)
 
 
-@CUDA_SKIP
-@pytest.mark.cuda
-@pytest.mark.parametrize("path", ["hopper", "portable"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("lead,K,N,r", HOPPER_SHAPES)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "dropout"])
+@hopper_and_portable_cases
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
     # Hopper: g and the bias in the GEMM's epilogue; elsewhere both settings compose.
     monkeypatch.setenv("LRK_DISABLE_SM90", "1" if path == "portable" else "0")

@@ -38,7 +38,8 @@ import torch
 import lrk
 import lrk.galore_ops as go
 import lrk.reference_galore as ref
-from benchmarks.harness import Result, environment, parse_bench_args, print_table, time_ms, write_json
+from benchmarks.harness import (Result, environment, parse_bench_args, print_table, print_targets, time_ms, verdict,
+                               write_json)
 from lrk.optim import GaLoreAdamW
 
 GPU_CASES = [(4096, 4096, 128), (4096, 11008, 128), (4096, 4096, 512), (4096, 11008, 512)]
@@ -253,10 +254,6 @@ TIME_TARGETS = {(4096, 4096): dict(rsvd=3.0, dct=1.5, step=0.08), (4096, 11008):
 ENERGY_TARGET = 0.97
 
 
-def _verdict(ok):
-    return "met" if ok else "MISSED"
-
-
 def targets_table(cases, refresh, steps, memory, device):
     """One row per target of the issue's table, filled from this run's results."""
     by = {(r.case, r.contender): r for r in refresh + steps + memory}
@@ -279,36 +276,26 @@ def targets_table(cases, refresh, steps, memory, device):
         for method, name in (("rsvd", "lrk rsvd q1"), ("dct", "lrk dct")):
             t = ms(name)
             row(case, f"refresh {method}", today, f"{t:.3f} ms", f"<= {timed[method]} ms" if timed else na,
-                _verdict(t <= timed[method]) if timed else na, t)
+                verdict(t <= timed[method]) if timed else na, t)
         energy = by[(case, "lrk rsvd q1")].extra["energy_vs_svd"]
-        row(case, "energy rsvd/svd", "svd 1.0", f"{energy:.4f}", f">= {ENERGY_TARGET}", _verdict(energy >= ENERGY_TARGET))
+        row(case, "energy rsvd/svd", "svd 1.0", f"{energy:.4f}", f">= {ENERGY_TARGET}", verdict(energy >= ENERGY_TARGET))
 
         case_steps = [r for r in steps if r.case == case]
         adamw_ms = case_steps[0].ms  # the baseline row
         best = min((r for r in case_steps if r.contender.startswith("lrk step fp32 P")), key=lambda r: r.ms)
         row(case, "step", f"{case_steps[0].contender} {adamw_ms:.4f} ms, eager GaLore "
             f"{ms('galore-torch eager'):.4f} ms", f"{best.ms:.4f} ms ({best.contender[9:]})",
-            f"<= {timed['step']} ms" if timed else na, _verdict(best.ms <= timed["step"]) if timed else na, best.ms)
+            f"<= {timed['step']} ms" if timed else na, verdict(best.ms <= timed["step"]) if timed else na, best.ms)
 
         adamw = by[(case, "torch AdamW")].extra["state_bytes"]
         st = by[(case, "GaLore svd/rsvd")].extra
         row(case, "state", f"AdamW {adamw / 2**20:.2f} MiB", f"{st['state_bytes'] / 2**20:.2f} MiB",
-            f"<= {st['bound_bytes'] / 2**20:.2f} MiB", _verdict(st["state_bytes"] <= st["bound_bytes"]))
+            f"<= {st['bound_bytes'] / 2**20:.2f} MiB", verdict(st["state_bytes"] <= st["bound_bytes"]))
         q = by[(case, "GaLore svd/rsvd int4")].extra
         row(case, "int4 P", f"fp32 P {8 * q['proj_bound_bytes'] / 2**10:.1f} KiB",
             f"{q['proj_code_bytes'] / 2**10:.1f} KiB + {q['proj_side_bytes'] / 2**10:.1f} KiB scales/zeros",
-            f"m r / 2 = {q['proj_bound_bytes'] / 2**10:.1f} KiB", _verdict(q["proj_code_bytes"] <= q["proj_bound_bytes"]))
+            f"m r / 2 = {q['proj_bound_bytes'] / 2**10:.1f} KiB", verdict(q["proj_code_bytes"] <= q["proj_bound_bytes"]))
     return rows
-
-
-def print_targets(title, rows):
-    print(f"\n## {title}")
-    head = f"{'case':<18} {'target':<18} {'today':<62} {'lrk':<40} {'target':<30} status"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        e = r.extra
-        print(f"{r.case:<18} {r.contender:<18} {e['today']:<62} {e['lrk']:<40} {e['target']:<30} {e['status']}")
 
 
 def main(argv=None):
@@ -328,7 +315,9 @@ def main(argv=None):
     print_table(f"GaLore optimizer step, fp32 parameter, {device.type} (ratio vs torch AdamW)", steps)
     print_table(f"optimizer state per parameter, {device.type}", memory)
     targets = targets_table(cases, refresh, steps, memory, device)
-    print_targets(f"issue targets (H200, fp32, r=128) from this run, {device.type}", targets)
+    print_targets(f"issue targets (H200, fp32, r=128) from this run, {device.type}",
+                  [(f"{r.case} {r.contender}", r.extra["today"], r.extra["lrk"], r.extra["target"], r.extra["status"])
+                   for r in targets])
     if args.json:
         write_json(args.json, f"galore, {device.type}", environment(device), refresh + steps + memory + targets)
     return refresh + steps + memory + targets

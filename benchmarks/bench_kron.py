@@ -31,7 +31,8 @@ import lrk
 import lrk.kron_ops  # noqa: F401
 from lrk.kron_ops import kron_dense, kron_linear
 from lrk.kron_select import choose_factorization
-from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, set_ratios, time_ms, write_json
+from benchmarks.harness import (Result, environment, parse_bench_args, peak_mib, print_table, set_ratios, time_ms,
+                               verdict, write_json)
 
 GPU_CASES = [  # (M, N, K, terms)
     (8192, 4096, 4096, 4),
@@ -181,9 +182,7 @@ def _ms(r):
 
 
 def _verdict(ok, applies):
-    if not applies:
-        return "n/a (targets are for the H200 bf16 case)"
-    return "met" if ok else "MISSED"
+    return verdict(ok, applies, "n/a (targets are for the H200 bf16 case)")
 
 
 def print_targets(fwd, fwd_bwd, kp, device, dtype, kron_case, kp_case):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk
-from benchmarks.harness import Result, parse_bench_args, peak_mib, report, set_ratios, time_ms
+from benchmarks.harness import Result, parse_bench_args, peak_mib, print_targets, report, set_ratios, time_ms, verdict
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.0, False),
@@ -32,6 +32,16 @@ GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.1, False),
     (8192, 4096, 4096, 16, 0.0, True),
 ]
+# The issue's targets (H200, bf16): forward+backward ratio to the frozen base layer.
+# case -> (PEFT today, LoRAFusion, lrk target)
+TARGETS = {
+    (8192, 4096, 4096, 16, 0.0, False): ("1.36", "1.19", 1.08),
+    (8192, 4096, 4096, 64, 0.0, False): ("1.33", "1.30", 1.10),
+    (8192, 4096, 11008, 16, 0.0, False): ("1.23", "1.12", 1.06),
+    (2048, 4096, 4096, 16, 0.0, False): ("2.62", "4.92", 1.20),
+    (8192, 4096, 4096, 16, 0.1, False): ("1.45", "1.45", 1.10),
+    (8192, 4096, 4096, 16, 0.0, True): ("2.30", "none", 1.15),
+}
 CPU_CASES = [
     (512, 512, 512, 16, 0.0, False),
     (256, 1024, 768, 8, 0.0, False),
@@ -169,7 +179,31 @@ def main(argv=None):
         results += run_case(M, K, N, r, p, use_dora, device, dtype)
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
     report(title, results, device, args.json)
+    print_targets_table(cases, results, device, dtype)
     return results
+
+
+def print_targets_table(cases, results, device, dtype):
+    """The issue's table from this run's ratios (a verdict on an H200 in bf16 only)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    applies = "H200" in gpu and dtype == torch.bfloat16
+    rows = []
+    for case in cases:
+        if case not in TARGETS:
+            continue
+        M, K, N, r, p, use_dora = case
+        name = f"{M}x{K}x{N} r{r}" + (f" p{p}" if p else "") + (" dora" if use_dora else "")
+        ratio = {res.contender: res.ratio for res in results if res.case == name}
+        peft_today, fusion_today, target = TARGETS[case]
+
+        def fmt(v):
+            return f"{v:.3f}" if v is not None else "-"
+        lrk_text = f"{fmt(ratio.get('lrk'))} (portable {fmt(ratio.get('lrk portable'))}, PEFT {fmt(ratio.get('peft'))})"
+        ok = ratio.get("lrk") is not None and ratio["lrk"] <= target
+        rows.append((name, f"PEFT {peft_today}, LoRAFusion {fusion_today}", lrk_text, f"<= {target}",
+                     verdict(ok, applies)))
+    if rows:
+        print_targets(f"targets: forward+backward / frozen base layer (H200, bf16); this run: {gpu}, {dtype}", rows)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 
 import lrk
 import lrk.sparse_ops as sp
-from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, time_ms, write_json
+from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, time_ms, verdict, write_json
 from lrk.nn.sara import SaRALinear
 from lrk.nn.snell import SNELLLinear
 
@@ -226,11 +226,11 @@ def print_targets(sddmm, layer_results, device, dtype):
         any_row = next(iter(rows.values()))
         lrk_ms = rows["lrk_block"].ms if "lrk_block" in rows else None
         comparable = device.type == "cuda" and dtype == torch.bfloat16 and any_row.extra["shape"] == TARGET_SHAPE
-        verdict = ("met" if lrk_ms is not None and lrk_ms <= target else "missed") if comparable else \
-            "not comparable (other device, dtype or shape)"
+        status = verdict(lrk_ms is not None and lrk_ms <= target, comparable,
+                         "not comparable (other device, dtype or shape)")
         print(f"{label:<44} {any_row.case:<22} {ms(rows.get('dense+gather') and rows['dense+gather'].ms):>13} "
               f"{ms(rows.get('sampled_addmm') and rows['sampled_addmm'].ms):>14} {ms(lrk_ms):>11} "
-              f"{'<= ' + str(target):>10}  {verdict}")
+              f"{'<= ' + str(target):>10}  {status}")
     full = next((r for r in layer_results if r.contender == "full" and r.extra.get("grad_MiB") is not None), None)
     for r in layer_results:
         e = r.extra

@@ -148,3 +148,23 @@ def report(title: str, results: list[Result], device: torch.device, json_path: O
     print_table(title, results)
     if json_path:
         write_json(json_path, title, environment(device), results)
+
+
+def verdict(ok: Optional[bool], applies: bool = True, not_applicable: str = "n/a (the target is for the H200 case)") -> str:
+    """'met' / 'MISSED' for a target checked in this run, or why it does not apply here."""
+    if not applies:
+        return not_applicable
+    return "met" if ok else "MISSED"
+
+
+def print_targets(title: str, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """An issue's targets table filled from this run: (row, today, lrk in this run, target, verdict)."""
+    print(f"\n## {title}")
+    widths = [max(len(str(r[i])) for r in rows + [("row", "today", "lrk (this run)", "target", "verdict")])
+              for i in range(4)]
+    head = ("row", "today", "lrk (this run)", "target", "verdict")
+    line = "  ".join(f"{h:<{w}}" for h, w in zip(head[:4], widths)) + "  " + head[4]
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(f"{str(v):<{w}}" for v, w in zip(r[:4], widths)) + "  " + r[4])

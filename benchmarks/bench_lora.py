@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import lrk
-from benchmarks.harness import Result, parse_bench_args, peak_mib, print_targets, report, set_ratios, time_ms, verdict
+from benchmarks.harness import (Result, parse_bench_args, peak_mib, print_table, print_targets, report, set_ratios,
+                               time_ms, verdict)
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.0, False),
@@ -175,9 +176,12 @@ def main(argv=None):
     if args.quick:
         cases = cases[:1]
     results = []
-    for M, K, N, r, p, use_dora in cases:
-        results += run_case(M, K, N, r, p, use_dora, device, dtype)
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
+    for i, (M, K, N, r, p, use_dora) in enumerate(cases):
+        case_results = run_case(M, K, N, r, p, use_dora, device, dtype)
+        results += case_results
+        if len(cases) > 1:  # each case as it completes: a run cut short by a time limit still reports
+            print_table(f"{title}: case {i + 1} of {len(cases)}", case_results)
     report(title, results, device, args.json)
     print_targets_table(cases, results, device, dtype)
     return results

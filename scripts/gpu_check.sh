@@ -105,7 +105,7 @@ fi
   [ -f "$OUT/skipped_benchmarks.txt" ] && { echo; cat "$OUT/skipped_benchmarks.txt"; }
   for f in "$OUT"/bench_*.txt; do
     [ -f "$f" ] || continue
-    echo; echo "== $(basename "$f")"; grep -v -i "warn" "$f" | tail -60
+    echo; echo "== $(basename "$f")"; grep -v -i "warn" "$f" | tail -80
   done
 } > "$OUT/summary.txt"
 tar czf /tmp/lrk_results.tar.gz -C "$OUT" --exclude=summary.txt . \

@@ -75,7 +75,7 @@ t0=$(date +%s)
 tests_limit=$(( DEADLINE - $(date +%s) - ${LRK_GPU_CHECK_BENCH_RESERVE:-180} ))
 [ "$tests_limit" -lt 60 ] && tests_limit=60
 timeout "$tests_limit" $PY -m pytest -q -p no:cacheprovider ${LRK_GPU_CHECK_TESTS:-tests} --maxfail=30 \
-  --junitxml="$OUT/tests.xml" -rfs > "$OUT/tests_full.txt" 2>&1
+  --junitxml="$OUT/tests.xml" -rfE > "$OUT/tests_full.txt" 2>&1
 log "tests rc=$? in $(( $(date +%s) - t0 )) s (limit ${tests_limit} s)" | tee -a "$OUT/tests_full.txt"
 tail -60 "$OUT/tests_full.txt" > "$OUT/tests.txt"
 

@@ -131,6 +131,35 @@ def test_importance_by_hand():
     assert list(ratios) == list(_sizes(model))
 
 
+def test_importance_state_survives_a_checkpoint(tmp_path):
+    """state_dict holds tensors and numbers only, and a resumed tracker scores exactly as an uninterrupted one."""
+    def step(model, imp, seed):
+        model.zero_grad()
+        model(torch.randn(8, 12, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+        imp.update()
+
+    model = _model(shapes=[(12, 10), (10, 6)])
+    imp = SNELLImportance(model, beta1=0.7, beta2=0.9)
+    for seed in range(3):
+        step(model, imp, seed)
+    torch.save(imp.state_dict(), tmp_path / "imp.pt")
+    resumed = SNELLImportance(model)  # other betas: the state brings its own
+    resumed.load_state_dict(torch.load(tmp_path / "imp.pt", weights_only=True))
+    assert (resumed.beta1, resumed.beta2, resumed.steps) == (0.7, 0.9, 3)
+    for seed in range(3, 5):
+        step(model, imp, seed)
+        step(model, resumed, seed)
+    assert resumed.scores() == imp.scores()
+    assert resumed.scores() and all(v > 0 for v in resumed.scores().values())
+
+    other = SNELLImportance(_model(shapes=[(12, 10)]))
+    with pytest.raises(ValueError, match="state_dict: layers differ from the model's"):
+        other.load_state_dict(imp.state_dict())
+    reshaped = SNELLImportance(_model(shapes=[(12, 11), (11, 6)]))
+    with pytest.raises(ValueError, match=r"state_dict: 0.lora_a averages have shape \(10, 4\), the layer.s factor \(11, 4\)"):
+        reshaped.load_state_dict(imp.state_dict())
+
+
 def test_schedule():
     kw = dict(total_steps=100, initial_keep_ratio=0.9, final_keep_ratio=0.2, warmup_steps=10, final_steps=20)
     assert snell_budget_schedule(0, **kw) == snell_budget_schedule(10, **kw) == 0.9

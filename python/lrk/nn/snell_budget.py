@@ -60,7 +60,8 @@ def _layers_or_raise(model: nn.Module) -> dict[str, SNELLLinear]:
 class SNELLImportance:
     """Moving averages of the importance ``|theta * grad|`` of every SNELL layer's
     factors and of its uncertainty; :meth:`scores` gives one number per layer.
-    Memory: two float32 (float64) tensors the size of each layer's A and B.
+    Memory: two float32 (float64) tensors the size of each layer's A and B; they go
+    into checkpoints through :meth:`state_dict` / :meth:`load_state_dict`.
 
     Args:
         model: holds the SNELLLinear layers (found once, at construction).
@@ -103,6 +104,42 @@ class SNELLImportance:
         for name, state in self._state.items():
             out[name] = sum(float((avg * unc).mean()) for avg, unc in (s for s in state if s is not None))
         return out
+
+    def state_dict(self) -> dict:
+        """Tensors and plain numbers only (loads with ``torch.load(weights_only=True)``):
+        the betas, the update count and, per layer and factor, the two moving averages."""
+        state = {"beta1": self.beta1, "beta2": self.beta2, "steps": self.steps, "layers": {}}
+        for name, per_factor in self._state.items():
+            state["layers"][name] = {
+                factor: {"avg": s[0].clone(), "unc": s[1].clone()}
+                for factor, s in zip(("lora_a", "lora_b"), per_factor) if s is not None}
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restores :meth:`state_dict`'s content; a resumed run then updates and scores exactly as
+        an uninterrupted one. The layer names and factor shapes must match this model's."""
+        missing = set(self.layers) - set(state["layers"])
+        unknown = set(state["layers"]) - set(self.layers)
+        if missing or unknown:
+            raise ValueError(f"state_dict: layers differ from the model's (missing {sorted(missing)}, "
+                             f"unknown {sorted(unknown)})")
+        restored = {}
+        for name, layer in self.layers.items():
+            per_factor = [None, None]
+            for i, factor in enumerate(("lora_a", "lora_b")):
+                saved = state["layers"][name].get(factor)
+                if saved is None:
+                    continue
+                shape = getattr(layer, factor).shape
+                if saved["avg"].shape != shape or saved["unc"].shape != shape:
+                    raise ValueError(f"state_dict: {name}.{factor} averages have shape {tuple(saved['avg'].shape)}, "
+                                     f"the layer's factor {tuple(shape)}")
+                device = getattr(layer, factor).device
+                per_factor[i] = (saved["avg"].to(device).clone(), saved["unc"].to(device).clone())
+            restored[name] = per_factor
+        self.beta1, self.beta2 = float(state["beta1"]), float(state["beta2"])
+        self.steps = int(state["steps"])
+        self._state = restored
 
     def allocate(self, total_keep_ratio: float, min_keep_ratio: float = 0.0,
                  max_keep_ratio: float = 1.0) -> dict[str, float]:

@@ -38,8 +38,8 @@ import torch
 import lrk
 import lrk.galore_ops as go
 import lrk.reference_galore as ref
-from benchmarks.harness import (Result, environment, parse_bench_args, print_table, print_targets, time_ms, verdict,
-                               write_json)
+from benchmarks.harness import (Result, environment, parse_bench_args, pick_cases, print_table, print_targets, time_ms,
+                               verdict, write_json)
 from lrk.optim import GaLoreAdamW
 
 GPU_CASES = [(4096, 4096, 128), (4096, 11008, 128), (4096, 4096, 512), (4096, 11008, 512)]
@@ -301,9 +301,7 @@ def targets_table(cases, refresh, steps, memory, device):
 def main(argv=None):
     args, device, _ = parse_bench_args(__doc__, argv, quick_help="first case only", with_dtype=False)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs unless a row says TF32
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if args.quick:
-        cases = cases[:1]
+    cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     refresh, steps, memory = [], [], []
     methods = {"svd/rsvd": dict(proj_type="rsvd"), "svd/rsvd int4": dict(proj_type="rsvd", proj_bits=4),
                "dct": dict(proj_type="dct"), "random": dict(proj_type="random")}

@@ -31,8 +31,8 @@ import lrk
 import lrk.kron_ops  # noqa: F401
 from lrk.kron_ops import kron_dense, kron_linear
 from lrk.kron_select import choose_factorization
-from benchmarks.harness import (Result, environment, parse_bench_args, peak_mib, print_table, set_ratios, time_ms,
-                               verdict, write_json)
+from benchmarks.harness import (Result, device_name, environment, parse_bench_args, peak_mib, pick_cases, print_table,
+                               set_ratios, time_ms, verdict, write_json)
 
 GPU_CASES = [  # (M, N, K, terms)
     (8192, 4096, 4096, 4),
@@ -189,7 +189,7 @@ def print_targets(fwd, fwd_bwd, kp, device, dtype, kron_case, kp_case):
     """The issue's targets table, filled with this run's figures for its first case of each
     kind (adapter only). On another device, dtype or shape the rows are printed as measured,
     without a verdict."""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_name(device)
     applies_kron = "H200" in gpu and dtype == torch.bfloat16 and kron_case == GPU_CASES[0]
     applies_kp = "H200" in gpu and kp_case == GPU_KPSVD[0]
     M, N, K, terms = kron_case
@@ -217,10 +217,9 @@ def print_targets(fwd, fwd_bwd, kp, device, dtype, kron_case, kp_case):
 
 def main(argv=None):
     args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case of each table only")
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    kp_cases = GPU_KPSVD if device.type == "cuda" else CPU_KPSVD
-    if args.quick:
-        cases, kp_cases = cases[:1], kp_cases[:1]
+    keep = 1 if args.quick else None
+    cases = pick_cases(device, GPU_CASES, CPU_CASES, keep)
+    kp_cases = pick_cases(device, GPU_KPSVD, CPU_KPSVD, keep)
     tables = []
     first_case = {}  # (backward, with_base) -> results of cases[0]
     for backward in (False, True):

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import lrk
-from benchmarks.harness import (Result, parse_bench_args, peak_mib, print_table, print_targets, report, set_ratios,
-                               time_ms, verdict)
+from benchmarks.harness import (Result, device_name, parse_bench_args, peak_mib, pick_cases, print_table, print_targets,
+                               report, set_ratios, time_ms, verdict)
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.0, False),
@@ -172,9 +172,7 @@ def _check_against_reference(results, x, w, bias, a, b, m, scale):
 
 def main(argv=None):
     args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only")
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if args.quick:
-        cases = cases[:1]
+    cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     results = []
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
     for i, (M, K, N, r, p, use_dora) in enumerate(cases):
@@ -189,7 +187,7 @@ def main(argv=None):
 
 def print_targets_table(cases, results, device, dtype):
     """The issue's table from this run's ratios (a verdict on an H200 in bf16 only)."""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_name(device)
     applies = "H200" in gpu and dtype == torch.bfloat16
     rows = []
     for case in cases:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk.multi_lora_ops as mlo
-from benchmarks.harness import Result, parse_bench_args, report, time_ms
+from benchmarks.harness import Result, parse_bench_args, pick_cases, report, set_ratios, time_ms
 
 
 @dataclass
@@ -200,10 +200,8 @@ def run_case(case: Case, device, dtype):
         delta = torch.einsum("mnr,mrk,mk->mn", b64[h_ids], a64[h_ids], x.double().cpu())
         y_ref += scales.double().cpu()[h_ids].unsqueeze(-1) * delta
         err = ((y - y_ref).norm() / y_ref.norm()).item()
-    base_ms = results[0].ms
+    set_ratios(results)
     for res in results:
-        if res.ms and base_ms:
-            res.ratio = res.ms / base_ms
         if res.contender == "lrk":
             res.rel_err = err
             if case.target:
@@ -216,9 +214,7 @@ def run_case(case: Case, device, dtype):
 
 def main(argv=None):
     args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only")
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if args.quick:
-        cases = cases[:1]
+    cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     results = []
     for case in cases:
         results += run_case(case, device, dtype)

@@ -36,7 +36,8 @@ import torch
 
 import lrk
 import lrk.sparse_ops as sp
-from benchmarks.harness import Result, environment, parse_bench_args, peak_mib, print_table, time_ms, verdict, write_json
+from benchmarks.harness import (Result, environment, parse_bench_args, peak_mib, pick_cases, print_table, time_ms,
+                               verdict, write_json)
 from lrk.nn.sara import SaRALinear
 from lrk.nn.snell import SNELLLinear
 
@@ -244,10 +245,8 @@ def print_targets(sddmm, layer_results, device, dtype):
 
 def main(argv=None):
     args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first two SDDMM cases and the layers")
-    sddmm_cases = GPU_SDDMM if device.type == "cuda" else CPU_SDDMM
-    layer_cases = GPU_LAYERS if device.type == "cuda" else CPU_LAYERS
-    if args.quick:
-        sddmm_cases = sddmm_cases[:2]
+    sddmm_cases = pick_cases(device, GPU_SDDMM, CPU_SDDMM, 2 if args.quick else None)
+    layer_cases = pick_cases(device, GPU_LAYERS, CPU_LAYERS)
     copy_bw = copy_gbps(device)
     sddmm = []
     for case in sddmm_cases:

@@ -135,6 +135,17 @@ def parse_bench_args(doc: str, argv=None, quick_help: str = "first case only", w
     return args, device, dtype
 
 
+def pick_cases(device: torch.device, gpu_cases: list, cpu_cases: list, keep: Optional[int] = None) -> list:
+    """The issue's shapes on CUDA, small ones elsewhere; the first `keep` of them when given (--quick)."""
+    cases = gpu_cases if device.type == "cuda" else cpu_cases
+    return cases[:keep] if keep is not None else cases
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (target tables give a verdict on the issue's GPU only), or 'cpu'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def set_ratios(results: list[Result]) -> None:
     """ratio = ms / the first result's ms (the baseline, timed in the same run)."""
     base_ms = results[0].ms if results else None

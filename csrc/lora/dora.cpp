@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_fwd(
 #ifdef LRK_WITH_CUDA
   {  // Hopper: g and the bias applied in the GEMM's epilogue, y_unscaled stored beside y.
     at::Tensor y, h, y_unscaled;
-    if (dora_forward_hopper(x, weight, bias, lora_a, lora_b, g, scale, dropout_p, seed, y, h, y_unscaled)) {
+    if (dora_forward_hopper(d, x, weight, bias, lora_a, lora_b, g, scale, dropout_p, seed, y, h, y_unscaled)) {
       return {y, h, y_unscaled, norm};
     }
   }

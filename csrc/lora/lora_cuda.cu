@@ -199,12 +199,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
 
 }  // namespace
 
-bool dora_forward_hopper(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& g, double scale,
-                         double dropout_p, int64_t seed, at::Tensor& y, at::Tensor& h, at::Tensor& y_unscaled) {
+bool dora_forward_hopper(const LoraDims& d, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         const at::Tensor& g, double scale, double dropout_p, int64_t seed, at::Tensor& y,
+                         at::Tensor& h, at::Tensor& y_unscaled) {
 #ifdef LRK_HAVE_SM90_KERNELS
   if (!x.is_cuda() || !hopper_path_wanted(x) || g.scalar_type() != at::kFloat) return false;
-  const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias && (!bias->is_contiguous() || !cuda::aligned16(bias->const_data_ptr()))) return false;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -225,7 +225,7 @@ bool dora_forward_hopper(const at::Tensor& x, const at::Tensor& weight, const st
   h = h2.reshape(with_last_dim(x, d.r));
   return true;
 #else
-  (void)x, (void)weight, (void)bias, (void)lora_a, (void)lora_b, (void)g, (void)scale, (void)dropout_p, (void)seed;
+  (void)d, (void)x, (void)weight, (void)bias, (void)lora_a, (void)lora_b, (void)g, (void)scale, (void)dropout_p, (void)seed;
   (void)y, (void)h, (void)y_unscaled;
   return false;
 #endif

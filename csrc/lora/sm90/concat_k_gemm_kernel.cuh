@@ -85,8 +85,6 @@ struct ConcatKGemmConfig {
   }
 };
 
-inline const char* cutlass_status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
-
 // Runs the configured kernel; `fusion` holds the epilogue's own arguments.
 template <class Cfg, class T>
 void launch_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
@@ -119,15 +117,15 @@ void launch_concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Te
   Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "lrk concat_k_gemm: CUTLASS cannot run this problem (",
-              cutlass_status_name(status), "), M=", M, " N=", N, " K=", K, " k2=", K2);
+              cutlassGetStatusString(status), "), M=", M, " N=", N, " K=", K, " k2=", K2);
   const size_t workspace_bytes = Gemm::get_workspace_size(args);
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a.options().dtype(at::kByte));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   status = gemm.initialize(args, workspace.data_ptr(), stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "lrk concat_k_gemm: initialize failed (",
-              cutlass_status_name(status), ")");
+              cutlassGetStatusString(status), ")");
   status = gemm.run(stream);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lrk concat_k_gemm: launch failed (", cutlass_status_name(status),
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "lrk concat_k_gemm: launch failed (", cutlassGetStatusString(status),
               ")");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

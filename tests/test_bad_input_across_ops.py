@@ -36,6 +36,11 @@ def _device_mix_cases():
         return sp.sddmm_block(torch.randn(8, 32, device=dev["grad_y"]), torch.randn(8, 32, device=dev["x"]),
                               torch.tensor([[0, 0], [1, 1]], device=dev["block_indices"]), 16)
 
+    def snella(dev):
+        return sp.snella_linear(torch.randn(4, 16, device=dev["x"]), torch.randn(12, 16, device=dev["weight"]), None,
+                                torch.randn(12, 4, device=dev["lora_a"]), torch.randn(16, 4, device=dev["lora_b"]),
+                                torch.tensor([1.0], device=dev["kernel_params"]), "linear", 0.5)
+
     def project(dev):
         return go.project(torch.randn(4, 6, device=dev["grad"]), torch.randn(4, 2, device=dev["proj"]), True)
 
@@ -45,6 +50,7 @@ def _device_mix_cases():
         ("kron_linear", kron, ["u", "v"]),
         ("multi_lora_shrink", shrink, ["lora_a"]),
         ("sddmm_block", sddmm, ["x", "block_indices"]),
+        ("snella_linear", snella, ["lora_a", "kernel_params"]),
         ("galore_project", project, ["proj"]),
     ]
 
@@ -57,7 +63,7 @@ CASES = [(op, fn, arg) for op, fn, args in _device_mix_cases() for arg in args]
 @pytest.mark.parametrize("op,fn,arg", CASES, ids=[f"{op}-{arg}" for op, _, arg in CASES])
 def test_device_mix_names_the_argument(op, fn, arg):
     dev = {name: "cuda" for name in ("x", "weight", "lora_a", "lora_b", "magnitude", "u", "v", "ranks", "adapter_ids",
-                                     "grad_y", "block_indices", "grad", "proj")}
+                                     "grad_y", "block_indices", "grad", "proj", "kernel_params")}
     dev[arg] = "cpu"
     with pytest.raises(RuntimeError, match=arg):
         fn(dev)

@@ -32,6 +32,7 @@ GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (2048, 4096, 4096, 16, 0.0, False),
     (8192, 4096, 4096, 16, 0.1, False),
     (8192, 4096, 4096, 16, 0.0, True),
+    (64, 256, 256, 16, 0.0, False),  # launch-bound: the per-step host overhead of each contender
 ]
 # The targets (H200, bf16): forward+backward ratio to the frozen base layer.
 # case -> (PEFT today, LoRAFusion, lrk target)
@@ -48,6 +49,7 @@ CPU_CASES = [
     (256, 1024, 768, 8, 0.0, False),
     (512, 512, 512, 16, 0.1, False),
     (512, 512, 512, 16, 0.0, True),
+    (8, 64, 64, 4, 0.0, False),  # tiny: the per-step host overhead of each contender
 ]
 
 

@@ -1,6 +1,7 @@
 // The single place where lrk's op schemas live. Kernels register per dispatch
 // key in their family's files (csrc/<family>/*_cpu.cpp, *.cu); fake kernels and
-// autograd are registered from Python (python/lrk/ops.py).
+// most autograd formulas are registered from Python (python/lrk/*_ops.py), the
+// fused LoRA/DoRA ones in C++ (csrc/lora/lora_autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(lrk, m) {

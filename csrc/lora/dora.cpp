@@ -5,7 +5,8 @@
 // Backward treats the norm as a constant (the DoRA paper and PEFT do too), so it is
 // LoRA's backward on grad_y * g plus grad_m = sum_rows(grad_y * y_unscaled) / norm.
 // The kernels compose ATen and lrk ops, so one implementation serves every device
-// (registered as CompositeExplicitAutograd; autograd and fakes come from Python),
+// (registered as CompositeExplicitAutograd; autograd in lora_autograd.cpp, fakes
+// in Python),
 // except two CUDA shortcuts for bf16/fp16: the elementwise part of the backward
 // in one pass (dora_grad.h), and on Hopper the whole forward in one GEMM whose
 // epilogue applies g and the bias (lora_cuda.h).

@@ -1,5 +1,5 @@
 // lrk::lora_fused for users: the forward op's first output. Registered as
-// CompositeImplicitAutograd so autograd (registered in Python on lora_fused_fwd)
+// CompositeImplicitAutograd so autograd (lora_autograd.cpp, on lora_fused_fwd)
 // keeps h from the forward for the backward, and torch.compile traces through it.
 // The seed stays symbolic (SymInt) so a compiled step can draw it inside the graph.
 #include <ATen/core/dispatch/Dispatcher.h>

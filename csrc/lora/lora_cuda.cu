@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fused_bwd_cuda(
     dh = dh32.to(dtype);
     skinny_cols_gemm_cuda(dh, x2, ga32, 1.0, make_dropout_params(dropout_p, seed));  // dA = dh^T @ x~
     grad_a = ga32.to(dtype);
-    grad_b = gbt32.t().to(dtype).contiguous();
+    grad_b = at::empty({d.N, d.r}, x.options()).copy_(gbt32.t());  // cast and transpose in one pass
   } else {
     dh = at::mm(dy, lora_b).mul_(scale);
     grad_b = at::mm(dy.t(), h2).mul_(scale);

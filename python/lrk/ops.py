@@ -57,44 +57,8 @@ def _lora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p,
     return grad_x, x.new_empty(lora_a.shape), x.new_empty(lora_b.shape)
 
 
-def _lora_fused_fwd_setup(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
-    _, h = output
-    ctx.set_materialize_grads(False)  # an unused h gets None, not a zero tensor to multiply
-    ctx.save_for_backward(x, weight, lora_a, lora_b, h)  # x and h only: no mask, no dropped x
-    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-
-
-def _lora_fused_fwd_backward(ctx, grad_y, grad_h):
-    x, weight, lora_a, lora_b, h = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    p, seed = ctx.dropout_p, ctx.seed
-    k, n, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
-    grad_x = grad_w = grad_bias = grad_a = grad_b = None
-    if grad_y is not None:
-        gx, grad_a, grad_b = torch.ops.lrk.lora_fused_bwd(
-            grad_y, x, weight, lora_a, lora_b, h, ctx.scale, p, seed, need_x)
-        grad_x = gx if need_x else None
-        dy2 = grad_y.reshape(-1, n)
-        if need_w:
-            grad_w = dy2.t() @ x.reshape(-1, k)
-        if need_bias:
-            grad_bias = dy2.sum(0)
-    if grad_h is not None:  # only when a caller used h itself
-        gh = grad_h.reshape(-1, r)
-        x_drop = torch.ops.lrk.philox_dropout(x, p, seed) if p > 0 else x
-        ga = gh.t() @ x_drop.reshape(-1, k)
-        grad_a = ga if grad_a is None else grad_a + ga
-        if need_x:
-            t = (gh @ lora_a).reshape(x.shape)
-            t = torch.ops.lrk.philox_dropout(t, p, seed) if p > 0 else t
-            grad_x = t if grad_x is None else grad_x + t
-    return (grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None,
-            None, None, None)
-
-
-torch.library.register_autograd(
-    "lrk::lora_fused_fwd", _lora_fused_fwd_backward, setup_context=_lora_fused_fwd_setup)
+# Autograd of lora_fused_fwd and dora_fused_fwd: csrc/lora/lora_autograd.cpp (in C++
+# for host overhead; backward calls lora_fused_bwd / dora_fused_bwd below).
 
 
 def lora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -126,39 +90,6 @@ def _dora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, magnitude, h, y_unsc
     grad_x, grad_a, grad_b = _lora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p, seed,
                                                   need_grad_x)
     return grad_x, grad_a, grad_b, magnitude.new_empty(magnitude.shape)
-
-
-def _dora_fused_fwd_setup(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, _ = inputs
-    _, h, y_unscaled, weight_norm = output
-    ctx.mark_non_differentiable(h, y_unscaled, weight_norm)  # saved activations, not results
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm)
-    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-
-
-def _dora_fused_fwd_backward(ctx, grad_y, grad_h, grad_y_unscaled, grad_norm):
-    x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
-    if grad_y is not None:
-        gx, grad_a, grad_b, grad_m = torch.ops.lrk.dora_fused_bwd(
-            grad_y, x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm, ctx.scale, ctx.dropout_p,
-            ctx.seed, need_x)
-        grad_x = gx if need_x else None
-        n, k = weight.shape
-        dy2 = grad_y.reshape(-1, n)
-        if need_w:  # the norm is a constant: dW = (dy * g)^T @ x
-            g = (magnitude.to(weight_norm.dtype) / weight_norm).to(dy2.dtype)
-            grad_w = (dy2 * g).t() @ x.reshape(-1, k)
-        if need_bias:
-            grad_bias = dy2.sum(0)
-    return (grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None,
-            grad_m if need_m else None, None, None, None, None)
-
-
-torch.library.register_autograd(
-    "lrk::dora_fused_fwd", _dora_fused_fwd_backward, setup_context=_dora_fused_fwd_setup)
 
 
 def dora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,

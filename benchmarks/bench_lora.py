@@ -6,7 +6,10 @@ A and B trainable):
   eager     F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)
   compile   torch.compile of eager
   peft      PEFT's LoRA Linear layer (when peft is installed)
-  lrk       torch.ops.lrk.lora_fused (torch.ops.lrk.dora_fused for DoRA cases)
+  lrk       torch.ops.lrk.lora_fused (torch.ops.lrk.dora_fused for DoRA cases); on
+            Hopper with the opt-in sm90 kernels (LRK_SM90=1) unless the
+            environment sets LRK_SM90=0
+  lrk portable  the same op on the portable kernels (LRK_SM90=0), CUDA only
 
 DoRA cases (use_dora) time the same contenders with the weight-decomposed
 adapter: g = m / ||W + s B A|| (detached) scales the adapted output.
@@ -115,11 +118,13 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
             peft_params.append(peft_layer.lora_magnitude_vector["default"].weight)
         contenders["peft"] = (peft_layer, peft_params)
     contenders["lrk"] = (lrk_fwd, [x] + adapter_params)
-    portable_only = {}
+    path_env = {}  # contender -> environment it runs under
     if device == "cuda":
-        # The same op with the Hopper kernels switched off (same as "lrk" on other GPUs).
-        contenders["lrk portable"] = (lrk_fwd, [x] + adapter_params)
-        portable_only["lrk portable"] = {"LRK_DISABLE_SM90": "1"}
+        # The targets are about the Hopper kernels, opt-in in the library
+        # until validated: "lrk" opts in unless the caller has switched them off.
+        path_env["lrk"] = {"LRK_SM90": os.environ.get("LRK_SM90", "1")}
+        contenders["lrk portable"] = (lrk_fwd, [x] + adapter_params)  # same as "lrk" off Hopper
+        path_env["lrk portable"] = {"LRK_SM90": "0"}
 
     case = f"{M}x{K}x{N} r{r}" + (f" p{p}" if p else "") + (" dora" if use_dora else "")
     flops_base = 4.0 * M * N * K
@@ -129,8 +134,8 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
     for name, (fn, params) in contenders.items():
         def fwd_bwd(fn=fn):
             fn(x).backward(dy)
-        saved_env = {k: os.environ.get(k) for k in portable_only.get(name, {})}
-        os.environ.update(portable_only.get(name, {}))
+        saved_env = {k: os.environ.get(k) for k in path_env.get(name, {})}
+        os.environ.update(path_env.get(name, {}))
         try:
             fwd_bwd()  # compile / warm
             ms = time_ms(fwd_bwd, device, grad_to_none=params)

@@ -93,7 +93,7 @@ HOPPER_SHAPES = [
 
 def hopper_and_portable_cases(test):
     """Parametrises a CUDA test over the LoRA kernel path (Hopper / portable, set
-    through LRK_DISABLE_SM90 by the test), bf16/fp16, HOPPER_SHAPES, bias and dropout."""
+    through LRK_SM90 by the test), bf16/fp16, HOPPER_SHAPES, bias and dropout."""
     from conftest import CUDA_SKIP
 
     marks = [

@@ -38,7 +38,7 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 @hopper_and_portable_cases
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
     # Hopper: g and the bias in the GEMM's epilogue; elsewhere both settings compose.
-    monkeypatch.setenv("LRK_DISABLE_SM90", "1" if path == "portable" else "0")
+    monkeypatch.setenv("LRK_SM90", "0" if path == "portable" else "1")
     check_dora_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
 
 

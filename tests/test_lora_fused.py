@@ -64,7 +64,7 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 @hopper_and_portable_cases
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
     # On other GPUs (or builds without sm_90a) both settings take the portable path.
-    monkeypatch.setenv("LRK_DISABLE_SM90", "1" if path == "portable" else "0")
+    monkeypatch.setenv("LRK_SM90", "0" if path == "portable" else "1")
     check_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
 
 

@@ -199,6 +199,27 @@ def test_gradients_of_exactly_the_inputs_that_need_them(device, bias, needs):
             assert t.grad is None, f"{name} does not require grad but got one"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_keeps_x_h_and_the_unscaled_output(device):
+    """Backward keeps h, y_unscaled (for the magnitude's gradient) and the row
+    norms besides the inputs: no mask, no dense W + s*B@A."""
+    x, w, b, a, bb = lora_inputs((3, 11), 40, 24, 4, torch.float32, device)
+    m = _magnitude(w, torch.float32, device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lrk.dora_fused(x, w, b, a, bb, m, 1.5, 0.1, 5)
+    inputs = {t.data_ptr() for t in (x, w, a, bb, m)}
+    activations = sorted(tuple(t.shape) for t in saved if t.data_ptr() not in inputs)
+    assert activations == [(3, 11, 4), (3, 11, 24), (24,)], [tuple(t.shape) for t in saved]
+    y.sum().backward()
+    assert m.grad is not None and a.grad is not None
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

@@ -216,6 +216,27 @@ def test_autograd_grad_of_one_input(device):
     assert x.grad is not None and a.grad is not None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_backward_keeps_only_x_and_h(device, p):
+    """Besides the inputs themselves, backward keeps h = dropout(x) @ A^T alone:
+    no mask, no dropped copy of x, nothing of y's size."""
+    x, w, b, a, bb = _inputs((3, 11), 40, 24, 4, torch.float32, device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lrk.lora_fused(x, w, b, a, bb, 1.5, p, 5)
+    inputs = {t.data_ptr() for t in (x, w, a, bb)}
+    activations = [t for t in saved if t.data_ptr() not in inputs]
+    assert [tuple(t.shape) for t in activations] == [(3, 11, 4)], [tuple(t.shape) for t in saved]
+    y.sum().backward()
+    assert x.grad is not None and a.grad is not None and bb.grad is not None
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

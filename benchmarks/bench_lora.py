@@ -14,7 +14,7 @@ A and B trainable):
 DoRA cases (use_dora) time the same contenders with the weight-decomposed
 adapter: g = m / ||W + s B A|| (detached) scales the adapted output.
 
-    python -m benchmarks.bench_lora [--device cuda] [--json out.json]
+    python -m benchmarks.bench_lora [--device cuda] [--json out.json] [--profile DIR]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import lrk
 from benchmarks.harness import (Result, device_name, parse_bench_args, peak_mib, pick_cases, print_table, print_targets,
-                               report, set_ratios, time_ms, verdict)
+                               report, set_ratios, time_ms, verdict, write_profile)
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
     (8192, 4096, 4096, 16, 0.0, False),
@@ -68,7 +68,10 @@ def _peft_layer(base: torch.nn.Linear, r: int, alpha: float, p: float, use_dora:
         return PeftLoraLinear(base, "default", **kwargs)
 
 
-def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
+PROFILED = ("base", "lrk", "lrk portable")  # with --profile
+
+
+def run_case(M, K, N, r, p, use_dora, device, dtype, check=True, profile_dir=None):
     gen = torch.Generator(device="cpu").manual_seed(0)
     alpha = 2.0 * r
     scale = alpha / r
@@ -141,6 +144,8 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True):
             ms = time_ms(fwd_bwd, device, grad_to_none=params)
             mem = peak_mib(fwd_bwd, device)
             note = ""
+            if profile_dir and name in PROFILED:
+                write_profile(profile_dir, f"{case} {name}", fwd_bwd, device)
         except Exception as exc:  # report, keep going
             ms, mem, note = None, None, f"failed: {type(exc).__name__}: {str(exc)[:80]}"
         finally:
@@ -183,7 +188,7 @@ def main(argv=None):
     results = []
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
     for i, (M, K, N, r, p, use_dora) in enumerate(cases):
-        case_results = run_case(M, K, N, r, p, use_dora, device, dtype)
+        case_results = run_case(M, K, N, r, p, use_dora, device, dtype, profile_dir=args.profile)
         results += case_results
         if len(cases) > 1:  # each case as it completes: a run cut short by a time limit still reports
             print_table(f"{title}: case {i + 1} of {len(cases)}", case_results)

@@ -128,11 +128,34 @@ def parse_bench_args(doc: str, argv=None, quick_help: str = "first case only", w
         ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also write a per-kernel profile of some contenders' steps here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     name = getattr(args, "dtype", None)
     dtype = getattr(torch, name) if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return args, device, dtype
+
+
+def write_profile(directory: str, label: str, fn: Callable[[], object], device: torch.device,
+                  steps: int = 3) -> str:
+    """Profiles `steps` calls of fn and writes the per-kernel table (device time
+    first on a GPU) to directory/<label>.txt: which kernel takes the time, and at
+    what bandwidth, is what a missed target's note has to show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=90)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "".join(c if c.isalnum() or c in "-_." else "_" for c in label) + ".txt")
+    with open(path, "w") as f:
+        f.write(f"{label}: {steps} steps\n{table}\n")
+    return path
 
 
 def pick_cases(device: torch.device, gpu_cases: list, cpu_cases: list, keep: Optional[int] = None) -> list:

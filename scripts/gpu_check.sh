@@ -96,7 +96,9 @@ if [ "${LRK_GPU_CHECK_BENCH:-1}" = "1" ]; then
       continue
     fi
     log "benchmark $b (limit ${limit} s)"
-    timeout "$limit" $PY -m "benchmarks.$b" ${LRK_BENCH_ARGS:-} --json "$OUT/$b.json" > "$OUT/$b.txt" 2>&1
+    extra=""  # bench_lora: per-kernel profiles of lrk's steps, for the targets' notes
+    [ "$b" = "bench_lora" ] && extra="--profile $OUT/profiles"
+    timeout "$limit" $PY -m "benchmarks.$b" ${LRK_BENCH_ARGS:-} $extra --json "$OUT/$b.json" > "$OUT/$b.txt" 2>&1
     log "benchmark $b rc=$?"
   done
 fi
@@ -110,6 +112,10 @@ fi
   for f in "$OUT"/bench_*.txt; do
     [ -f "$f" ] || continue
     echo; echo "== $(basename "$f")"; grep -v -i "warn" "$f" | tail -80
+  done
+  for f in "$OUT"/profiles/8192x4096x4096_r16_lrk*.txt; do
+    [ -f "$f" ] || continue
+    echo; echo "== profile $(basename "$f")"; head -22 "$f"
   done
 } > "$OUT/summary.txt"
 tar czf /tmp/lrk_results.tar.gz -C "$OUT" --exclude=summary.txt . \

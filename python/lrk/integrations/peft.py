@@ -73,8 +73,11 @@ def _adapter_unsupported_reason(layer: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def _fast_path_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
-    """The adapter to run through lrk for this call, or None for PEFT's own forward.
+def _fast_path_operands(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """(base layer, lora_A, lora_B, magnitude or None, dropout module, scale) of the
+    adapter to run through lrk for this call, or None for PEFT's own forward. Each
+    module attribute is looked up once: at small batch sizes a layer's step is
+    host-bound, and this runs on every call.
 
     Call-time state: merged or disabled adapters, several active adapters, extra
     arguments (adapter_names, ...), adapters added after accelerate(), hooks on
@@ -86,7 +89,8 @@ def _fast_path_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: d
     if len(active) != 1:
         return None
     name = active[0]
-    if name not in layer.lora_A or _adapter_unsupported_reason(layer, name) is not None:
+    lora_a_modules = layer.lora_A
+    if name not in lora_a_modules or _adapter_unsupported_reason(layer, name) is not None:
         return None
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, nn.Dropout) and dropout.p >= 1.0:
@@ -95,30 +99,28 @@ def _fast_path_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: d
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return None
     w = base.weight
-    if not x.is_floating_point() or x.device != w.device:
+    device = w.device
+    if not x.is_floating_point() or x.device != device:
         return None
-    if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != w.dtype and not torch.is_autocast_enabled(device.type):
         return None  # F.linear would reject it too: let PEFT's path say so
-    adapter_tensors = [layer.lora_A[name].weight, layer.lora_B[name].weight]
-    if name in layer.lora_magnitude_vector:
-        adapter_tensors.append(layer.lora_magnitude_vector[name].weight)
-    if any(t.device != w.device for t in adapter_tensors):
+    lora_a, lora_b = lora_a_modules[name].weight, layer.lora_B[name].weight
+    magnitudes = layer.lora_magnitude_vector
+    magnitude = magnitudes[name].weight if name in magnitudes else None
+    if lora_a.device != device or lora_b.device != device or (magnitude is not None and magnitude.device != device):
         return None
-    return name
+    return base, lora_a, lora_b, magnitude, dropout, layer.scaling[name]
 
 
 def _lrk_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Bound to a PEFT Linear instance as its forward by accelerate()."""
-    name = _fast_path_adapter(self, x, args, kwargs)
-    if name is None:
+    operands = _fast_path_operands(self, x, args, kwargs)
+    if operands is None:
         return type(self).forward(self, x, *args, **kwargs)
-    dropout = self.lora_dropout[name]
+    base, lora_a, lora_b, magnitude, dropout, scale = operands
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     seed = _lora.fresh_seed() if p > 0.0 else 0
-    magnitude = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
-    base = self.base_layer
-    return _lora.adapter_forward(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 magnitude, self.scaling[name], p, seed)
+    return _lora.adapter_forward(x, base.weight, base.bias, lora_a, lora_b, magnitude, scale, p, seed)
 
 
 def is_accelerated(layer: nn.Module) -> bool:

@@ -77,6 +77,50 @@ def reference_leaves(*tensors):
     return [t.detach().double().cpu().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
 
 
+def check_gradients_of_exactly_the_needed(op, reference, named: dict, needs: str, device):
+    """Only the inputs named in `needs` (comma-separated) require grad; op(*named)
+    must give them the float64 reference's gradients and give the others none."""
+    for name, t in named.items():
+        if t is not None:
+            t.requires_grad_(name in needs.split(","))
+    y = op(*named.values())
+    leaf = reference_leaves(*named.values())
+    y_ref = reference(*leaf)
+    gy = torch.randn_like(y_ref)
+    y.backward(gy.to(device))
+    y_ref.backward(gy)
+    for (name, t), t_ref in zip(named.items(), leaf):
+        if t is None:
+            continue
+        if t.requires_grad:
+            assert_close(t.grad, t_ref.grad, torch.float64, f"grad {name}")
+        else:
+            assert t.grad is None, f"{name} does not require grad but got one"
+
+
+def assert_compiled_grads_match_eager(compiled, step, args, wrt):
+    """The gradients of compiled(*args) and step(*args) (scalars) with respect to wrt agree."""
+    grads_c = torch.autograd.grad(compiled(*args), wrt)
+    grads_e = torch.autograd.grad(step(*args), wrt)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+def saved_activation_shapes(run, inputs) -> tuple:
+    """(sorted shapes of the tensors autograd saves while run() executes, other
+    than the inputs themselves: what the backward keeps alive; run's output)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    input_ptrs = {t.data_ptr() for t in inputs}
+    return sorted(tuple(t.shape) for t in saved if t.data_ptr() not in input_ptrs), out
+
+
 # lora_fused / dora_fused shapes for the Hopper path (sm_90a builds on an H100/H200,
 # bf16/fp16), which needs K and N multiples of 8. They cross its tile edges: M
 # past the 128-row tile, N past a 256-column tile, K past a 64-deep k-tile, ranks

@@ -6,7 +6,8 @@ import torch
 import lrk
 from lrk import reference as ref
 from conftest import DEVICES
-from helpers import assert_close, hopper_and_portable_cases, lora_inputs, poison_cuda_allocator, reference_leaves
+from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs,
+                     poison_cuda_allocator, reference_leaves, saved_activation_shapes)
 
 SHAPES = [
     ((0,), 40, 24, 3),
@@ -166,10 +167,7 @@ def test_torch_compile_dynamic_shapes(device):
     for lead in ((5, 7), (3, 11), (13,)):
         x, w, b, a, bb = lora_inputs(lead, 24, 16, 4, torch.float32, device)
         m = _magnitude(w, torch.float32, device)
-        grads_c = torch.autograd.grad(compiled(x, w, b, a, bb, m), (x, a, bb, m))
-        grads_e = torch.autograd.grad(step(x, w, b, a, bb, m), (x, a, bb, m))
-        for gc, ge in zip(grads_c, grads_e):
-            torch.testing.assert_close(gc, ge)
+        assert_compiled_grads_match_eager(compiled, step, (x, w, b, a, bb, m), (x, a, bb, m))
 
 
 # Backward computes the gradients of exactly the inputs that need one; an absent
@@ -180,23 +178,9 @@ def test_torch_compile_dynamic_shapes(device):
 def test_gradients_of_exactly_the_inputs_that_need_them(device, bias, needs):
     x, w, b, a, bb = lora_inputs((3, 5), 12, 10, 3, torch.float64, device, bias=bias)
     m = _magnitude(w, torch.float64, device)
-    named = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb, magnitude=m)
-    for name, t in named.items():
-        if t is not None:
-            t.requires_grad_(name in needs.split(","))
-    y = lrk.dora_fused(x, w, b, a, bb, m, 1.3, 0.2, 7)
-    leaf = reference_leaves(x, w, b, a, bb, m)
-    y_ref = ref.dora_fused(*leaf, 1.3, 0.2, 7)
-    gy = torch.randn_like(y_ref)
-    y.backward(gy.to(device))
-    y_ref.backward(gy)
-    for (name, t), t_ref in zip(named.items(), leaf):
-        if t is None:
-            continue
-        if t.requires_grad:
-            assert_close(t.grad, t_ref.grad, torch.float64, f"grad {name}")
-        else:
-            assert t.grad is None, f"{name} does not require grad but got one"
+    check_gradients_of_exactly_the_needed(lambda *t: lrk.dora_fused(*t, 1.3, 0.2, 7),
+                                          lambda *t: ref.dora_fused(*t, 1.3, 0.2, 7),
+                                          dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb, magnitude=m), needs, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -205,17 +189,8 @@ def test_backward_keeps_x_h_and_the_unscaled_output(device):
     norms besides the inputs: no mask, no dense W + s*B@A."""
     x, w, b, a, bb = lora_inputs((3, 11), 40, 24, 4, torch.float32, device)
     m = _magnitude(w, torch.float32, device)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = lrk.dora_fused(x, w, b, a, bb, m, 1.5, 0.1, 5)
-    inputs = {t.data_ptr() for t in (x, w, a, bb, m)}
-    activations = sorted(tuple(t.shape) for t in saved if t.data_ptr() not in inputs)
-    assert activations == [(3, 11, 4), (3, 11, 24), (24,)], [tuple(t.shape) for t in saved]
+    shapes, y = saved_activation_shapes(lambda: lrk.dora_fused(x, w, b, a, bb, m, 1.5, 0.1, 5), (x, w, a, bb, m))
+    assert shapes == [(3, 11, 4), (3, 11, 24), (24,)]
     y.sum().backward()
     assert m.grad is not None and a.grad is not None
 

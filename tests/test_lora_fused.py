@@ -6,7 +6,8 @@ import torch
 import lrk
 from lrk import reference as ref
 from conftest import DEVICES
-from helpers import assert_close, hopper_and_portable_cases, lora_inputs as _inputs, poison_cuda_allocator, reference_leaves
+from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs as _inputs,
+                     poison_cuda_allocator, reference_leaves, saved_activation_shapes)
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
 # ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path).
@@ -172,10 +173,7 @@ def test_torch_compile_dynamic_shapes(device):
                              backend="aot_eager" if device == "cpu" else "inductor")
     for lead in ((5, 7), (3, 11), (13,)):
         x, w, b, a, bb = _inputs(lead, 24, 16, 4, torch.float32, device)
-        grads_c = torch.autograd.grad(compiled(x, w, b, a, bb), (x, a, bb))
-        grads_e = torch.autograd.grad(step(x, w, b, a, bb), (x, a, bb))
-        for gc, ge in zip(grads_c, grads_e):
-            torch.testing.assert_close(gc, ge)
+        assert_compiled_grads_match_eager(compiled, step, (x, w, b, a, bb), (x, a, bb))
 
 
 # Backward computes the gradients of exactly the inputs that need one; an absent
@@ -185,23 +183,9 @@ def test_torch_compile_dynamic_shapes(device):
 @pytest.mark.parametrize("needs", ["x,lora_a,lora_b", "weight,bias", "lora_b", "x,weight", "lora_a,bias"])
 def test_gradients_of_exactly_the_inputs_that_need_them(device, bias, needs):
     x, w, b, a, bb = _inputs((3, 5), 12, 10, 3, torch.float64, device, bias=bias)
-    named = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb)
-    for name, t in named.items():
-        if t is not None:
-            t.requires_grad_(name in needs.split(","))
-    y = lrk.lora_fused(x, w, b, a, bb, 1.3, 0.2, 7)
-    leaf = reference_leaves(x, w, b, a, bb)
-    y_ref = ref.lora_fused(*leaf, 1.3, 0.2, 7)
-    gy = torch.randn_like(y_ref)
-    y.backward(gy.to(device))
-    y_ref.backward(gy)
-    for (name, t), t_ref in zip(named.items(), leaf):
-        if t is None:
-            continue
-        if t.requires_grad:
-            assert_close(t.grad, t_ref.grad, torch.float64, f"grad {name}")
-        else:
-            assert t.grad is None, f"{name} does not require grad but got one"
+    check_gradients_of_exactly_the_needed(lambda *t: lrk.lora_fused(*t, 1.3, 0.2, 7),
+                                          lambda *t: ref.lora_fused(*t, 1.3, 0.2, 7),
+                                          dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb), needs, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -222,17 +206,8 @@ def test_backward_keeps_only_x_and_h(device, p):
     """Besides the inputs themselves, backward keeps h = dropout(x) @ A^T alone:
     no mask, no dropped copy of x, nothing of y's size."""
     x, w, b, a, bb = _inputs((3, 11), 40, 24, 4, torch.float32, device)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = lrk.lora_fused(x, w, b, a, bb, 1.5, p, 5)
-    inputs = {t.data_ptr() for t in (x, w, a, bb)}
-    activations = [t for t in saved if t.data_ptr() not in inputs]
-    assert [tuple(t.shape) for t in activations] == [(3, 11, 4)], [tuple(t.shape) for t in saved]
+    shapes, y = saved_activation_shapes(lambda: lrk.lora_fused(x, w, b, a, bb, 1.5, p, 5), (x, w, a, bb))
+    assert shapes == [(3, 11, 4)]
     y.sum().backward()
     assert x.grad is not None and a.grad is not None and bb.grad is not None
 

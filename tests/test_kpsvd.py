@@ -106,6 +106,38 @@ def test_randomized_is_within_tolerance_of_the_optimum(device, decay):
     torch.testing.assert_close(auto.sigma, f.sigma)  # auto chose the randomized path, same seed
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_randomized_factors_are_orthonormal(device, dtype):
+    """The range finder's re-orthonormalisation (Cholesky-QR) keeps the terms'
+    factors orthonormal: vec(U_t) and vec(V_t) are the singular vectors of R(W)."""
+    w = _weight(24, 24, 24, 24, dtype=dtype, device=device, decay=0.9, seed=8)
+    f = kpsvd(w, (24, 24, 24, 24), 12, method="randomized", seed=3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    eye = torch.eye(12, dtype=dtype, device=device)
+    for factor in (f.u, f.v):
+        flat = factor.flatten(1)
+        torch.testing.assert_close(flat @ flat.t(), eye, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_randomized_on_a_weight_of_lower_kronecker_rank(device, dtype):
+    """R(W) of rank 3 while the sketch has 12 columns: the sketch's columns are
+    dependent (in float64 Cholesky-QR gives way to Householder QR here; in float32
+    rounding noise keeps the Gram matrix factorizable), and the result is still
+    W's exact decomposition with zeros after the third term."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 20, 18, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 16, 22, generator=g, dtype=torch.float64)
+    w = sum(torch.kron(a[t], b[t]) for t in range(3)).to(dtype).to(device)
+    f = kpsvd(w, (20, 16, 18, 22), 8, method="randomized", oversample=4, power_iters=2, seed=1)
+    assert torch.isfinite(f.sigma).all() and torch.isfinite(f.u).all() and torch.isfinite(f.v).all()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert (f.sigma[3:] <= tol * f.sigma[0]).all(), f.sigma
+    assert _approx_error(w, f) <= tol * w.double().norm().cpu()
+
+
 def test_randomized_is_seeded():
     w = _weight(20, 30, 30, 20, dtype=torch.float32, seed=2)
     a = kpsvd(w, (20, 30, 30, 20), 8, method="randomized", seed=1, power_iters=0)

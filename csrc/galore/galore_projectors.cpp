@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "common/tall_skinny_qr.h"
 #include "galore/galore_checks.h"
 
 namespace lrk {
@@ -64,11 +65,11 @@ at::Tensor galore_rsvd_projector(const at::Tensor& grad, int64_t rank, bool left
   at::Tensor y = at::mm(a, omega);
   for (int64_t i = 0; i < power_iters; ++i) {
     // Re-orthonormalise between products so that small singular directions survive.
-    y = std::get<0>(at::linalg_qr(y));
-    const at::Tensor z = std::get<0>(at::linalg_qr(at::mm(a.t(), y)));
+    y = orthonormal_basis(y);
+    const at::Tensor z = orthonormal_basis(at::mm(a.t(), y));
     y = at::mm(a, z);
   }
-  const at::Tensor q = std::get<0>(at::linalg_qr(y));     // [size, k]
+  const at::Tensor q = orthonormal_basis(y);              // [size, k]
   const at::Tensor b = at::mm(q.t(), a);                  // [k, other]
   const at::Tensor ub = std::get<0>(at::linalg_svd(b, false));
   return canonical_signs(at::mm(q, ub.narrow(1, 0, rank)));

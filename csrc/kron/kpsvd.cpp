@@ -6,7 +6,8 @@
 // keeps the Frobenius norm; the truncated SVD of R is therefore the best sum of
 // `rank` Kronecker products. The SVD is exact (LAPACK / cuSOLVER) or randomized:
 // a range finder seeded on the CPU (identical draws on every device), power
-// iterations re-orthonormalised after every product, then a small SVD.
+// iterations re-orthonormalised after every product (common/tall_skinny_qr.h),
+// then a small SVD.
 // Composed of ATen ops, so one implementation serves every device.
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 #include <string_view>
 
 #include "common/checks.h"
+#include "common/tall_skinny_qr.h"
 
 namespace lrk {
 namespace {
@@ -47,28 +49,6 @@ KpsvdShape check_kpsvd_inputs(const at::Tensor& weight, int64_t m1, int64_t m2, 
 at::Tensor rearrange(const at::Tensor& weight, const KpsvdShape& s, at::ScalarType acc) {
   return weight.to(acc).reshape({s.m1, s.m2, s.n1, s.n2}).permute({0, 2, 1, 3}).reshape({s.P, s.Q});
 }
-
-// Reduced QR of a tall-skinny a [n, l] (n >= l): Cholesky-QR twice, in float64.
-// Each pass is one l x l Gram product, an l x l Cholesky factorization and a
-// triangular solve: a handful of GPU kernels, where Householder QR walks the
-// columns one panel step at a time (about a millisecond per call for the
-// randomized SVD's [4096, 36] blocks, and it needs 2 * power_iters + 2 of them).
-// The second pass restores orthogonality to float64 precision as long as a's
-// condition number is below about 1e8; when the Cholesky factorization fails
-// (numerically dependent columns, NaN), Householder QR takes over.
-std::tuple<at::Tensor, at::Tensor> tall_skinny_qr(const at::Tensor& a) {
-  at::Tensor q = a.to(at::kDouble);
-  at::Tensor r;
-  for (int pass = 0; pass < 2; ++pass) {
-    auto [chol, info] = at::linalg_cholesky_ex(at::mm(q.t(), q));
-    if (info.item<int64_t>() != 0) return at::linalg_qr(a, "reduced");
-    q = at::linalg_solve_triangular(chol.t(), q, /*upper=*/true, /*left=*/false);  // q @ chol^-T
-    r = pass == 0 ? chol.t() : at::mm(chol.t(), r);  // a = q_2 (L_2^T L_1^T)
-  }
-  return {q.to(a.scalar_type()), r.to(a.scalar_type())};
-}
-
-at::Tensor orthonormal_basis(const at::Tensor& a) { return std::get<0>(tall_skinny_qr(a)); }
 
 // Returns (U [P, rank], S [rank], Vh [rank, Q]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& R, int64_t rank, int64_t oversample,

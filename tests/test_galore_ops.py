@@ -108,6 +108,20 @@ def test_rsvd_projector_matches_reference(device, dtype, shape, power_iters):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rsvd_projector_on_a_gradient_of_lower_rank(device, dtype):
+    """A rank-3 gradient sketched with 11 columns: the sketch's columns are
+    dependent (in float64 the range finder's Cholesky-QR gives way to Householder
+    QR); the projector is still orthonormal and captures all of the gradient."""
+    g = low_rank_plus_noise(90, 70, 3, noise=0.0, dtype=dtype, device=device)
+    p = go.rsvd_projector(g, 8, True, 3, 2, 7)
+    assert torch.isfinite(p).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (p.t() @ p - torch.eye(8, dtype=dtype, device=device)).abs().max().item() < tol
+    assert captured_energy(g, p, True) >= 1 - 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rsvd_projector_is_orthonormal_and_seeded(device):
     g = low_rank_plus_noise(96, 40, 12, device=device, dtype=torch.float32)
     p1 = go.rsvd_projector(g, 10, False, 8, 1, 5)

@@ -10,7 +10,7 @@
 
 #include <cmath>
 
-#include "common/tall_skinny_qr.h"
+#include "common/randomized_svd.h"
 #include "galore/galore_checks.h"
 
 namespace lrk {
@@ -62,17 +62,7 @@ at::Tensor galore_rsvd_projector(const at::Tensor& grad, int64_t rank, bool left
   const int64_t k = std::min(rank + oversample, std::min(a.size(0), a.size(1)));
   at::Tensor omega = at::empty({a.size(1), k}, a.options().memory_format(at::MemoryFormat::Contiguous));
   fill_gaussian(omega, seed, 1.0);
-  at::Tensor y = at::mm(a, omega);
-  for (int64_t i = 0; i < power_iters; ++i) {
-    // Re-orthonormalise between products so that small singular directions survive.
-    y = orthonormal_basis(y);
-    const at::Tensor z = orthonormal_basis(at::mm(a.t(), y));
-    y = at::mm(a, z);
-  }
-  const at::Tensor q = orthonormal_basis(y);              // [size, k]
-  const at::Tensor b = at::mm(q.t(), a);                  // [k, other]
-  const at::Tensor ub = std::get<0>(at::linalg_svd(b, false));
-  return canonical_signs(at::mm(q, ub.narrow(1, 0, rank)));
+  return canonical_signs(std::get<0>(randomized_svd(a, omega, rank, power_iters)));
 }
 
 at::Tensor galore_random_projector(const at::Tensor& grad, int64_t rank, bool left, int64_t seed) {

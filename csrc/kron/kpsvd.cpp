@@ -6,8 +6,7 @@
 // keeps the Frobenius norm; the truncated SVD of R is therefore the best sum of
 // `rank` Kronecker products. The SVD is exact (LAPACK / cuSOLVER) or randomized:
 // a range finder seeded on the CPU (identical draws on every device), power
-// iterations re-orthonormalised after every product (common/tall_skinny_qr.h),
-// then a small SVD.
+// iterations, then a small SVD (common/randomized_svd.h).
 // Composed of ATen ops, so one implementation serves every device.
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
@@ -16,7 +15,7 @@
 #include <string_view>
 
 #include "common/checks.h"
-#include "common/tall_skinny_qr.h"
+#include "common/randomized_svd.h"
 
 namespace lrk {
 namespace {
@@ -50,29 +49,13 @@ at::Tensor rearrange(const at::Tensor& weight, const KpsvdShape& s, at::ScalarTy
   return weight.to(acc).reshape({s.m1, s.m2, s.n1, s.n2}).permute({0, 2, 1, 3}).reshape({s.P, s.Q});
 }
 
-// Returns (U [P, rank], S [rank], Vh [rank, Q]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& R, int64_t rank, int64_t oversample,
-                                                              int64_t power_iters, int64_t seed) {
-  const int64_t P = R.size(0), Q = R.size(1);
-  const int64_t l = std::min(rank + oversample, std::min(P, Q));
+// Returns (U [P, rank], S [rank], Vh [rank, Q]); the sketch is drawn on the CPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kpsvd_randomized(const at::Tensor& R, int64_t rank, int64_t oversample,
+                                                                int64_t power_iters, int64_t seed) {
+  const int64_t l = std::min(rank + oversample, std::min(R.size(0), R.size(1)));
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  const at::Tensor omega =
-      at::randn({Q, l}, gen, at::TensorOptions().dtype(at::kDouble)).to(R.options());
-  at::Tensor basis = orthonormal_basis(at::mm(R, omega));  // [P, l], range of R
-  for (int64_t i = 0; i < power_iters; ++i) {
-    // (R R^T)^i R omega, re-orthonormalised after every product so that small
-    // singular directions are not lost to rounding.
-    const at::Tensor row_basis = orthonormal_basis(at::mm(R.t(), basis));  // [Q, l]
-    basis = orthonormal_basis(at::mm(R, row_basis));
-  }
-  // R ~= basis @ B with B = basis^T R [l, Q]. SVD of B through B^T = Qb Rb:
-  // B = Rb^T Qb^T, so only the l x l matrix Rb^T needs an SVD.
-  const at::Tensor bt = at::mm(R.t(), basis);  // [Q, l]
-  auto [qb, rb] = tall_skinny_qr(bt);
-  auto [us, s, vsh] = at::linalg_svd(rb.t(), /*full_matrices=*/false);
-  const at::Tensor u = at::mm(basis, us.narrow(1, 0, rank));
-  const at::Tensor vh = at::mm(vsh.narrow(0, 0, rank), qb.t());
-  return {u, s.narrow(0, 0, rank), vh};
+  const at::Tensor omega = at::randn({R.size(1), l}, gen, at::TensorOptions().dtype(at::kDouble)).to(R.options());
+  return randomized_svd(R, omega, rank, power_iters);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kpsvd(const at::Tensor& weight, int64_t m1, int64_t m2, int64_t n1,
@@ -93,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kpsvd(const at::Tensor& weight, i
     sv = sf.narrow(0, 0, rank);
     vh = vhf.narrow(0, 0, rank);
   } else {
-    std::tie(u, sv, vh) = randomized_svd(R, rank, oversample, power_iters, seed);
+    std::tie(u, sv, vh) = kpsvd_randomized(R, rank, oversample, power_iters, seed);
   }
   // Deterministic signs: the entry of largest magnitude of every u_t is positive.
   const at::Tensor pivot = u.gather(0, u.abs().argmax(0, /*keepdim=*/true));  // [1, rank]

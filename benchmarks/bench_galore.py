@@ -39,7 +39,7 @@ import lrk
 import lrk.galore_ops as go
 import lrk.reference_galore as ref
 from benchmarks.harness import (Result, environment, parse_bench_args, pick_cases, print_table, print_targets, time_ms,
-                               verdict, write_json)
+                               verdict, write_json, write_profile)
 from lrk.optim import GaLoreAdamW
 
 GPU_CASES = [(4096, 4096, 128), (4096, 11008, 128), (4096, 4096, 512), (4096, 11008, 512)]
@@ -63,7 +63,10 @@ def captured(g, p, left):
     return (r.square().sum() / g.square().sum()).item()
 
 
-def refresh_table(m, n, rank, device, reps_ms):
+PROFILED = ("lrk rsvd q1", "lrk dct", "lrk step fp32 P")  # with --profile
+
+
+def refresh_table(m, n, rank, device, reps_ms, profile_dir=None):
     case = f"{m}x{n} r{rank}"
     g = low_rank_plus_noise(m, n, rank, device)
     left = go.projects_left(g.shape)
@@ -99,6 +102,8 @@ def refresh_table(m, n, rank, device, reps_ms):
     for name, (fn, to_proj) in contenders.items():
         out = fn()
         ms = time_ms(fn, device, warmup_ms=reps_ms / 4, rep_ms=reps_ms)
+        if profile_dir and name in PROFILED:
+            write_profile(profile_dir, f"galore refresh {case} {name}", fn, device)
         energy = captured(g, to_proj(out), left) / e_exact if to_proj else 1.0
         results.append(Result(case=case, contender=name, ms=ms, note=f"energy {energy:.4f}",
                               extra={"energy_vs_svd": energy, "exact_energy": e_exact}))
@@ -108,7 +113,7 @@ def refresh_table(m, n, rank, device, reps_ms):
     return results
 
 
-def step_table(m, n, rank, device):
+def step_table(m, n, rank, device, profile_dir=None):
     case = f"{m}x{n} r{rank}"
     gen = torch.Generator(device="cpu").manual_seed(1)
     left = go.projects_left((m, n))
@@ -175,6 +180,8 @@ def step_table(m, n, rank, device):
         fn = lrk_step(w, proj, **kw)
         fn()
         ms = time_ms(fn, device)
+        if profile_dir and name in PROFILED:
+            write_profile(profile_dir, f"galore step {case} {name}", fn, device)
         results.append(Result(case=case, contender=name, ms=ms, gbps=nbytes / ms / 1e6))
     if device.type == "cuda":
         old = torch.backends.cuda.matmul.allow_tf32
@@ -299,15 +306,17 @@ def targets_table(cases, refresh, steps, memory, device):
 
 
 def main(argv=None):
-    args, device, _ = parse_bench_args(__doc__, argv, quick_help="first case only", with_dtype=False)
+    args, device, _ = parse_bench_args(__doc__, argv, quick_help="first case only", with_dtype=False,
+                                     with_profile=True)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs unless a row says TF32
     cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     refresh, steps, memory = [], [], []
     methods = {"svd/rsvd": dict(proj_type="rsvd"), "svd/rsvd int4": dict(proj_type="rsvd", proj_bits=4),
                "dct": dict(proj_type="dct"), "random": dict(proj_type="random")}
     for m, n, rank in cases:
-        refresh += refresh_table(m, n, rank, device, reps_ms=200 if device.type == "cuda" else 300)
-        steps += step_table(m, n, rank, device)
+        refresh += refresh_table(m, n, rank, device, reps_ms=200 if device.type == "cuda" else 300,
+                                 profile_dir=args.profile)
+        steps += step_table(m, n, rank, device, profile_dir=args.profile)
         memory += memory_table(m, n, rank, device, methods)
     print_table(f"GaLore projector refresh, fp32, {device.type} (ratio vs torch.linalg.svd)", refresh)
     print_table(f"GaLore optimizer step, fp32 parameter, {device.type} (ratio vs torch AdamW)", steps)

@@ -32,7 +32,7 @@ import lrk.kron_ops  # noqa: F401
 from lrk.kron_ops import kron_dense, kron_linear
 from lrk.kron_select import choose_factorization
 from benchmarks.harness import (Result, device_name, environment, parse_bench_args, peak_mib, pick_cases, print_table,
-                               set_ratios, time_ms, verdict, write_json)
+                               set_ratios, time_ms, verdict, write_json, write_profile)
 
 GPU_CASES = [  # (M, N, K, terms)
     (8192, 4096, 4096, 4),
@@ -84,7 +84,7 @@ def _contenders(factors, w, b, u, v, s, with_base):
     return out
 
 
-def run_kron_case(M, N, K, terms, device, dtype, backward, with_base):
+def run_kron_case(M, N, K, terms, device, dtype, backward, with_base, profile_dir=None):
     gen = torch.Generator().manual_seed(0)
     factors, x, w, b, u, v, s, dy = _inputs(M, N, K, terms, device, dtype, gen)
     m1, m2, n1, n2 = factors
@@ -108,6 +108,8 @@ def run_kron_case(M, N, K, terms, device, dtype, backward, with_base):
             ms = time_ms(call, device, grad_to_none=params)
             mem = peak_mib(call, device)
             note = ""
+            if profile_dir and name == "lrk":
+                write_profile(profile_dir, f"kron {'fwd+bwd' if backward else 'fwd'} {case} {name}", call, device)
         except Exception as exc:  # report and keep going (e.g. out of memory)
             ms, mem, note = None, None, f"failed: {type(exc).__name__}: {str(exc)[:60]}"
         flops = mult * ((adapter_flops if adapter else 0.0) + base_flops)
@@ -126,7 +128,7 @@ def run_kron_case(M, N, K, terms, device, dtype, backward, with_base):
     return results
 
 
-def run_kpsvd_case(N, K, terms, device):
+def run_kpsvd_case(N, K, terms, device, profile_dir=None):
     gen = torch.Generator().manual_seed(0)
     m1, m2, n1, n2 = choose_factorization(N, K)
     w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(device)
@@ -158,6 +160,8 @@ def run_kpsvd_case(N, K, terms, device):
         try:
             out = fn()
             ms = time_ms(fn, device, warmup_ms=5, rep_ms=50)
+            if profile_dir and name == "lrk randomized":
+                write_profile(profile_dir, f"kpsvd {case} {name}", fn, device, steps=1)
             results.append(Result(case=case, contender=name, ms=ms, rel_err=err_of(*out)))
         except Exception as exc:
             results.append(Result(case=case, contender=name, ms=None, note=f"failed: {type(exc).__name__}"))
@@ -216,7 +220,8 @@ def print_targets(fwd, fwd_bwd, kp, device, dtype, kron_case, kp_case):
 
 
 def main(argv=None):
-    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case of each table only")
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case of each table only",
+                                           with_profile=True)
     keep = 1 if args.quick else None
     cases = pick_cases(device, GPU_CASES, CPU_CASES, keep)
     kp_cases = pick_cases(device, GPU_KPSVD, CPU_KPSVD, keep)
@@ -226,7 +231,8 @@ def main(argv=None):
         for with_base in (False, True):
             res = []
             for i, (M, N, K, terms) in enumerate(cases):
-                case_res = run_kron_case(M, N, K, terms, device, dtype, backward, with_base)
+                case_res = run_kron_case(M, N, K, terms, device, dtype, backward, with_base,
+                                         profile_dir=args.profile if i == 0 else None)
                 if i == 0:
                     first_case[backward, with_base] = case_res
                 res += case_res
@@ -235,7 +241,7 @@ def main(argv=None):
     res = []
     first_kp = None
     for N, K, terms in kp_cases:
-        case_res = run_kpsvd_case(N, K, terms, device)
+        case_res = run_kpsvd_case(N, K, terms, device, profile_dir=args.profile if first_kp is None else None)
         first_kp = first_kp if first_kp is not None else case_res
         res += case_res
     tables.append((f"kpsvd, float32, {device.type} (rel err = excess over the exact optimum)", res))

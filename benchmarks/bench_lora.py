@@ -183,7 +183,7 @@ def _check_against_reference(results, x, w, bias, a, b, m, scale):
 
 
 def main(argv=None):
-    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only")
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only", with_profile=True)
     cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     results = []
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"

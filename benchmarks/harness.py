@@ -119,8 +119,10 @@ def write_json(path: str, title: str, env: dict, results: list[Result]) -> None:
     print(f"\nwrote {path}")
 
 
-def parse_bench_args(doc: str, argv=None, quick_help: str = "first case only", with_dtype: bool = True):
-    """The command line every benchmark shares: --device, --dtype, --json, --quick.
+def parse_bench_args(doc: str, argv=None, quick_help: str = "first case only", with_dtype: bool = True,
+                     with_profile: bool = False):
+    """The command line every benchmark shares: --device, --dtype, --json, --quick
+    (and --profile DIR for the benchmarks that write profiles).
     Returns (args, device, dtype); dtype defaults to bfloat16 on CUDA, float32 on the CPU."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,8 +130,9 @@ def parse_bench_args(doc: str, argv=None, quick_help: str = "first case only", w
         ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="also write a per-kernel profile of some contenders' steps here")
+    if with_profile:
+        ap.add_argument("--profile", default=None, metavar="DIR",
+                        help="also write a per-kernel profile of lrk's contenders here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     name = getattr(args, "dtype", None)

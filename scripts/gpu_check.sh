@@ -96,8 +96,10 @@ if [ "${LRK_GPU_CHECK_BENCH:-1}" = "1" ]; then
       continue
     fi
     log "benchmark $b (limit ${limit} s)"
-    extra=""  # bench_lora: per-kernel profiles of lrk's steps, for the targets' notes
-    [ "$b" = "bench_lora" ] && extra="--profile $OUT/profiles"
+    # Per-kernel profiles of lrk's contenders (where the benchmark writes them),
+    # for the notes on missed targets.
+    extra=""
+    case "$b" in bench_lora|bench_galore|bench_kron) extra="--profile $OUT/profiles" ;; esac
     timeout "$limit" $PY -m "benchmarks.$b" ${LRK_BENCH_ARGS:-} $extra --json "$OUT/$b.json" > "$OUT/$b.txt" 2>&1
     log "benchmark $b rc=$?"
   done

@@ -122,6 +122,23 @@ def test_rsvd_projector_on_a_gradient_of_lower_rank(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_projector_on_an_ill_conditioned_gradient(device):
+    """Singular values from 1 to 1e-14 and a sketch of all of them: the range
+    finder's Cholesky factorization can succeed on such a sketch, yet one more
+    Cholesky-QR pass does not make it orthonormal (1e-4 before the fix); the
+    projector must stay orthonormal anyway."""
+    n, k = 40, 10
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        u = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=gen))[0]
+        v = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64, generator=gen))[0]
+        g = (u @ torch.diag(torch.logspace(0, -14, k, dtype=torch.float64)) @ v.t()).to(device)
+        p = go.rsvd_projector(g, k, True, 3, 0, seed)
+        err = (p.t() @ p - torch.eye(k, dtype=torch.float64, device=device)).abs().max().item()
+        assert err < 1e-12, f"seed {seed}: |p^T p - I| = {err:.1e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rsvd_projector_is_orthonormal_and_seeded(device):
     g = low_rank_plus_noise(96, 40, 12, device=device, dtype=torch.float32)
     p1 = go.rsvd_projector(g, 10, False, 8, 1, 5)

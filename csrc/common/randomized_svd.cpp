@@ -12,15 +12,26 @@ namespace {
 // millisecond per call for a [4096, 36] block on a GPU, and the range finder
 // needs 2 * power_iters + 2 of them). The second pass restores orthogonality to
 // float64 precision while a's condition number stays below about 1e8; when the
-// Cholesky factorization fails (numerically dependent columns, NaN),
-// Householder QR takes over. One host sync per pass reads the factorization's
+// Cholesky factorization fails (numerically dependent columns, NaN) or the first
+// pass's q is far from orthonormal (a beyond that bound), Householder QR takes
+// over. One host sync per pass reads the factorization's
 // status.
 std::tuple<at::Tensor, at::Tensor> tall_skinny_qr(const at::Tensor& a) {
   at::Tensor q = a.to(at::kDouble);
   at::Tensor r;
   for (int pass = 0; pass < 2; ++pass) {
-    auto [chol, info] = at::linalg_cholesky_ex(at::mm(q.t(), q));
-    if (info.item<int64_t>() != 0) return at::linalg_qr(a, "reduced");
+    const at::Tensor gram = at::mm(q.t(), q);
+    auto [chol, info] = at::linalg_cholesky_ex(gram);
+    at::Tensor failed = info != 0;
+    if (pass == 1) {
+      // The Cholesky factorization can succeed on a Gram matrix far beyond the
+      // 1e8 bound (its pivots stay positive by rounding), and then the second
+      // pass does not restore orthogonality (1e-4 seen at condition 1e14). The
+      // first pass left q well conditioned iff its Gram matrix is near I.
+      const at::Tensor eye = at::eye(gram.size(0), gram.options());
+      failed = failed.logical_or(at::linalg_matrix_norm(gram - eye, "fro") > 0.5);
+    }
+    if (failed.item<bool>()) return at::linalg_qr(a, "reduced");
     const at::Tensor upper = chol.t();  // q = q_next @ upper
     q = at::mm(q, at::linalg_solve_triangular(upper, at::eye(upper.size(0), upper.options()), /*upper=*/true));
     r = pass == 0 ? upper : at::mm(upper, r);  // a = q_2 (L_2^T L_1^T)

@@ -294,3 +294,32 @@ def test_compile_with_seed_drawn_in_the_graph(device):
             torch.testing.assert_close(ga_c, ga_e)
     finally:
         torch._dynamo.config.capture_scalar_outputs, torch._inductor.config.fallback_random = old
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["lora", "dora"])
+def test_double_backward_raises(device, op):
+    """The backward ops have no derivative of their own: a second derivative
+    through them raises instead of coming out silently wrong (with dropout it
+    did on CPU; on CUDA it would for any p). First derivatives taken with
+    create_graph=True stay the same."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b, a, lb = (torch.randn(*s, dtype=torch.float64, generator=g).to(device) for s in
+                      ((4, 7), (6, 7), (6,), (3, 7), (6, 3)))
+    m = (torch.rand(6, dtype=torch.float64, generator=g) + 0.5).to(device)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+
+    def loss():
+        if op == "lora":
+            y = torch.ops.lrk.lora_fused(x, w, b, a, lb, 0.5, 0.3, 3)
+        else:
+            y = torch.ops.lrk.dora_fused(x, w, b, a, lb, m, 0.5, 0.3, 3, None)
+        return (y ** 2).sum()
+
+    (gx,) = torch.autograd.grad(loss(), x, create_graph=True)
+    (gx_plain,) = torch.autograd.grad(loss(), x)
+    assert_close(gx.detach(), gx_plain, torch.float64)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(gx.sum(), a)

@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace lrk {
@@ -54,6 +56,27 @@ bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 // [..., n] -> [rows, n], with symbolic sizes under torch.compile.
 at::Tensor rows_of(const at::Tensor& t, const c10::SymInt& n) { return t.reshape_symint({-1, n}); }
 
+// lora_fused_bwd and dora_fused_bwd have no derivative of their own, so backward
+// runs without grad mode; under create_graph=True the gradients get a node that
+// raises when differentiated (like @once_differentiable, but linked to the
+// tensors they depend on, so that a second derivative reaches it instead of
+// coming out as "unused", i.e. silently zero).
+variable_list once_differentiable(variable_list grads, const variable_list& depends_on, bool create_graph,
+                                  const char* op) {
+  if (!create_graph) return grads;
+  const at::AutoGradMode enable_grad(true);
+  if (!torch::autograd::compute_requires_grad(depends_on)) return grads;
+  auto error = c10::make_intrusive<torch::autograd::Error>(std::string(op) + ": double backward is not supported",
+                                                        torch::autograd::collect_next_edges(depends_on));
+  for (auto& g : grads) {
+    if (g.defined()) {
+      g = g.detach();
+      torch::autograd::create_gradient_edge(g, error);
+    }
+  }
+  return grads;
+}
+
 void save_scalars(AutogradContext* ctx, double scale, double dropout_p, const c10::SymInt& seed, bool has_bias) {
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["dropout_p"] = dropout_p;
@@ -90,6 +113,8 @@ class LoraFusedFunction : public torch::autograd::Function<LoraFusedFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const bool create_graph = at::GradMode::is_enabled();
+    const at::NoGradGuard no_grad;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3], &h = saved[4];
     const double scale = ctx->saved_data["scale"].toDouble();
@@ -125,7 +150,8 @@ class LoraFusedFunction : public torch::autograd::Function<LoraFusedFunction> {
     }
     if (!ctx->needs_input_grad(e.lora_a)) grads[3] = at::Tensor();
     if (!ctx->needs_input_grad(e.lora_b)) grads[4] = at::Tensor();
-    return grads;
+    return once_differentiable(std::move(grads), {grad_y, grad_h, x, weight, lora_a, lora_b}, create_graph,
+                               "lrk::lora_fused_fwd");
   }
 };
 
@@ -147,6 +173,8 @@ class DoraFusedFunction : public torch::autograd::Function<DoraFusedFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const bool create_graph = at::GradMode::is_enabled();
+    const at::NoGradGuard no_grad;
     // One gradient per forward argument: x, weight, bias, lora_a, lora_b, magnitude,
     // scale, p, seed, weight_sq_norm.
     variable_list grads(10);
@@ -172,7 +200,8 @@ class DoraFusedFunction : public torch::autograd::Function<DoraFusedFunction> {
       grad_y_for_weight = grad_y * g;
     }
     frozen_layer_grads(ctx, e, grad_y, grad_y_for_weight, x, weight, grads);
-    return grads;
+    return once_differentiable(std::move(grads), {grad_y, x, weight, lora_a, lora_b, magnitude}, create_graph,
+                               "lrk::dora_fused_fwd");
   }
 };
 

@@ -323,3 +323,27 @@ def test_double_backward_raises(device, op):
     assert_close(gx.detach(), gx_plain, torch.float64)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         torch.autograd.grad(gx.sum(), a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["lora", "dora"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_of_the_op(device, op, use_reentrant):
+    """torch.utils.checkpoint around the op (no bias, dropout with a fixed seed):
+    the recomputed forward and the C++ backward give the plain gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, _, a, lb = _inputs((2, 5), 12, 10, 3, torch.float64, device, bias=False)
+    m = (torch.rand(10, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+
+    def f(x):
+        if op == "lora":
+            return torch.ops.lrk.lora_fused(x, w, None, a, lb, 0.5, 0.3, 9)
+        return torch.ops.lrk.dora_fused(x, w, None, a, lb, m, 0.5, 0.3, 9, None)
+
+    leaves = [x, a, lb] + ([m] if op == "dora" else [])
+    expected = torch.autograd.grad(f(x).pow(2).sum(), leaves)
+    checkpoint(f, x, use_reentrant=use_reentrant).pow(2).sum().backward()
+    for name, leaf, e in zip(["x", "lora_a", "lora_b", "magnitude"], leaves, expected):
+        assert leaf.grad is not None, name
+        assert_close(leaf.grad, e, torch.float64, name)

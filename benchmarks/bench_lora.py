@@ -18,6 +18,7 @@ adapter: g = m / ||W + s B A|| (detached) scales the adapted output.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -161,9 +162,24 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True, profile_dir=Non
     if peft_layer is None:
         results.append(Result(case=case, contender="peft", ms=None, note="peft not installed"))
     set_ratios(results)
-    if check:
-        _check_against_reference(results, x, w, bias, a, b, m if use_dora else None, scale)
+    if check:  # the "lrk" row's error, on the path its time was measured on
+        with _environment(path_env.get("lrk", {})):
+            _check_against_reference(results, x, w, bias, a, b, m if use_dora else None, scale)
     return results
+
+
+@contextlib.contextmanager
+def _environment(variables: dict):
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _check_against_reference(results, x, w, bias, a, b, m, scale):

@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> tall_skinny_qr(const at::Tensor& a) {
       // The Cholesky factorization can succeed on a Gram matrix far beyond the
       // 1e8 bound (its pivots stay positive by rounding), and then the second
       // pass does not restore orthogonality (1e-4 seen at condition 1e14). The
-      // first pass left q well conditioned iff its Gram matrix is near I.
+      // first pass left q well conditioned if its Gram matrix is near I.
       const at::Tensor eye = at::eye(gram.size(0), gram.options());
       failed = failed.logical_or(at::linalg_matrix_norm(gram - eye, "fro") > 0.5);
     }

@@ -138,23 +138,16 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True, profile_dir=Non
     for name, (fn, params) in contenders.items():
         def fwd_bwd(fn=fn):
             fn(x).backward(dy)
-        saved_env = {k: os.environ.get(k) for k in path_env.get(name, {})}
-        os.environ.update(path_env.get(name, {}))
         try:
-            fwd_bwd()  # compile / warm
-            ms = time_ms(fwd_bwd, device, grad_to_none=params)
-            mem = peak_mib(fwd_bwd, device)
+            with _environment(path_env.get(name, {})):
+                fwd_bwd()  # compile / warm
+                ms = time_ms(fwd_bwd, device, grad_to_none=params)
+                mem = peak_mib(fwd_bwd, device)
+                if profile_dir and name in PROFILED:
+                    write_profile(profile_dir, f"{case} {name}", fwd_bwd, device)
             note = ""
-            if profile_dir and name in PROFILED:
-                write_profile(profile_dir, f"{case} {name}", fwd_bwd, device)
         except Exception as exc:  # report, keep going
             ms, mem, note = None, None, f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         flops = flops_base if name == "base" else flops_lora
         results.append(Result(case=case, contender=name, ms=ms,
                               tflops=flops / ms / 1e9 if ms else None, gbps=nbytes / ms / 1e6 if ms else None,
@@ -170,6 +163,7 @@ def run_case(M, K, N, r, p, use_dora, device, dtype, check=True, profile_dir=Non
 
 @contextlib.contextmanager
 def _environment(variables: dict):
+    """Sets the given environment variables for the block, then restores them."""
     saved = {k: os.environ.get(k) for k in variables}
     os.environ.update(variables)
     try:

@@ -135,6 +135,12 @@ HOPPER_SHAPES = [
 ]
 
 
+def use_kernel_path(monkeypatch, path: str) -> None:
+    """Sends lora_fused / dora_fused to the Hopper kernels ("hopper") or the portable
+    ones ("portable"); on other GPUs both settings take the portable path."""
+    monkeypatch.setenv("LRK_SM90", "0" if path == "portable" else "1")
+
+
 def hopper_and_portable_cases(test):
     """Parametrises a CUDA test over the LoRA kernel path (Hopper / portable, set
     through LRK_SM90 by the test), bf16/fp16, HOPPER_SHAPES, bias and dropout."""

@@ -7,7 +7,7 @@ import lrk
 from lrk import reference as ref
 from conftest import DEVICES
 from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs,
-                     poison_cuda_allocator, reference_leaves, saved_activation_shapes)
+                     poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
 SHAPES = [
     ((0,), 40, 24, 3),
@@ -38,8 +38,7 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 
 @hopper_and_portable_cases
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
-    # Hopper: g and the bias in the GEMM's epilogue; elsewhere both settings compose.
-    monkeypatch.setenv("LRK_SM90", "0" if path == "portable" else "1")
+    use_kernel_path(monkeypatch, path)  # Hopper: g and the bias in the GEMM's epilogue
     check_dora_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
 
 

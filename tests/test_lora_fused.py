@@ -7,7 +7,7 @@ import lrk
 from lrk import reference as ref
 from conftest import DEVICES
 from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs as _inputs,
-                     poison_cuda_allocator, reference_leaves, saved_activation_shapes)
+                     poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
 # ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path).
@@ -64,8 +64,7 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 
 @hopper_and_portable_cases
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
-    # On other GPUs (or builds without sm_90a) both settings take the portable path.
-    monkeypatch.setenv("LRK_SM90", "0" if path == "portable" else "1")
+    use_kernel_path(monkeypatch, path)
     check_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
 
 

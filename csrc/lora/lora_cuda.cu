@@ -37,6 +37,13 @@ namespace {
 
 bool use_skinny_kernels(const at::Tensor& x) { return is_half_precision(x.scalar_type()); }
 
+// h = dropout(x) @ A^T in float32, on the skinny kernel (bf16/fp16 x).
+at::Tensor shrink_fp32(const LoraDims& d, const at::Tensor& x2, const at::Tensor& a, double dropout_p, int64_t seed) {
+  at::Tensor h32 = at::zeros({d.M, d.r}, x2.options().dtype(at::kFloat));  // split-K blocks add into it
+  skinny_rows_gemm_cuda(x2, a, h32, 1.0, make_dropout_params(dropout_p, seed));
+  return h32;
+}
+
 // Whether to try the Hopper concatenated-K GEMMs (they still check their operands).
 bool hopper_path_wanted(const at::Tensor& x) {
 #ifdef LRK_HAVE_SM90_KERNELS
@@ -73,6 +80,13 @@ ConcatColumns concat_columns(const LoraDims& d, const at::Tensor& x2, const at::
   return {at::empty({d.M, pitch}, x2.options()), factor, k2};
 }
 
+// Fills cols.packed with [s*h (| 1)] from h32 and returns h rounded, for backward.
+at::Tensor pack_low_rank(const LoraDims& d, const at::Tensor& h32, double scale, ConcatColumns& cols) {
+  at::Tensor h = at::empty({d.M, d.r}, cols.packed.options());
+  pack_scaled_rows_cuda(h32, scale, cols.k2 > d.r, cols.packed, &h);
+  return h;
+}
+
 // y = [x | s*h | 1] @ [W | B | bias]^T in one GEMM; also h (rounded) for backward.
 // False (nothing written) when the operands do not suit the kernel.
 bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w,
@@ -81,8 +95,7 @@ bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w
   ConcatColumns cols = concat_columns(d, x2, b, bias);
   const auto layout = sm90::FactorLayout::kOutputsByReduction;
   if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y)) return false;
-  h = at::empty({d.M, d.r}, x2.options());
-  pack_scaled_rows_cuda(h32, scale, cols.k2 > d.r, cols.packed, &h);
+  h = pack_low_rank(d, h32, scale, cols);
   sm90::concat_k_gemm(x2, w, cols.packed, cols.k2, cols.factor, layout, y);
   return true;
 }
@@ -118,8 +131,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fused_fwd_cuda(const at::Tensor& x, cons
   at::Tensor h;
   at::Tensor y = at::empty({d.M, d.N}, x.options());
   if (use_skinny_kernels(x)) {
-    at::Tensor h32 = at::zeros({d.M, d.r}, x.options().dtype(at::kFloat));
-    skinny_rows_gemm_cuda(x2, a, h32, 1.0, make_dropout_params(dropout_p, seed));
+    const at::Tensor h32 = shrink_fp32(d, x2, a, dropout_p, seed);
 #ifdef LRK_HAVE_SM90_KERNELS
     if (hopper_path_wanted(x) && forward_hopper(d, x2, w, bias, b, h32, scale, y, h)) {
       return {y.reshape(with_last_dim(x, d.N)), h.reshape(with_last_dim(x, d.r))};
@@ -216,10 +228,7 @@ bool dora_forward_hopper(const LoraDims& d, const at::Tensor& x, const at::Tenso
   at::Tensor y2 = at::empty({d.M, d.N}, x.options());
   const auto layout = sm90::FactorLayout::kOutputsByReduction;
   if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y2)) return false;
-  at::Tensor h32 = at::zeros({d.M, d.r}, x.options().dtype(at::kFloat));
-  skinny_rows_gemm_cuda(x2, lora_a.contiguous(), h32, 1.0, make_dropout_params(dropout_p, seed));
-  at::Tensor h2 = at::empty({d.M, d.r}, x.options());
-  pack_scaled_rows_cuda(h32, scale, false, cols.packed, &h2);
+  const at::Tensor h2 = pack_low_rank(d, shrink_fp32(d, x2, lora_a.contiguous(), dropout_p, seed), scale, cols);
   at::Tensor yu2 = at::empty({d.M, d.N}, x.options());
   sm90::concat_k_gemm_dora(x2, w, cols.packed, cols.k2, cols.factor, g.contiguous(), bias, y2, yu2);
   y = y2.reshape(with_last_dim(x, d.N));

@@ -4,7 +4,13 @@
 // fused LoRA/DoRA ones in C++ (csrc/lora/lora_autograd.cpp).
 #include <torch/library.h>
 
+// The emulated build of the CUDA kernels (csrc/emu) defines the same schemas in
+// its own namespace, lrk_emu, for CPU tensors.
+#ifdef LRK_EMULATED
+TORCH_LIBRARY(lrk_emu, m) {
+#else
 TORCH_LIBRARY(lrk, m) {
+#endif
   // ---- common ---------------------------------------------------------------
   // dropout(x) with lrk's Philox mask: a pure function of (seed, element index).
   m.def("philox_dropout(Tensor x, float p, SymInt seed) -> Tensor");

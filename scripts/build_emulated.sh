@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the emulated CUDA kernels (csrc/emu/README.md) into python/lrk/:
+#   bash scripts/build_emulated.sh            -> python/lrk/_C_emu.so
+#   bash scripts/build_emulated.sh --sanitize -> python/lrk/_C_emu_asan.so (AddressSanitizer + UBSan)
+# Uses the python on PATH (the venv of scripts/setup_env.sh); MAX_JOBS as for the library.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+NAME=_C_emu
+BUILD=$ROOT/build/emu
+SANITIZE=""
+if [ "${1:-}" = "--sanitize" ]; then
+  NAME=_C_emu_asan
+  BUILD=$ROOT/build/emu-asan
+  SANITIZE="address,undefined"
+fi
+PY=${PYTHON:-python}
+SUFFIX=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+LAUNCHER=()
+if command -v ccache >/dev/null; then LAUNCHER=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
+GEN=()
+if command -v ninja >/dev/null; then GEN=(-GNinja); fi
+cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" "${LAUNCHER[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DPython3_EXECUTABLE="$(command -v $PY)" -DLRK_BUILD_EMULATED=ON -DLRK_EMU_SANITIZE="$SANITIZE" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/python/lrk" -DLRK_OUTPUT_NAME=$NAME -DLRK_OUTPUT_SUFFIX="$SUFFIX" >/dev/null
+cmake --build "$BUILD" --parallel "${MAX_JOBS:-$(nproc)}"
+echo "[build_emulated] python/lrk/$NAME$SUFFIX"

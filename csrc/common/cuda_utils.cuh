@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/launch.cuh"
+
 namespace lrk::cuda {
 
 // ATen scalar type -> CUDA native element type.

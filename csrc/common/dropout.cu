@@ -43,10 +43,9 @@ void run_dropout(const at::Tensor& in, at::Tensor& out, double p, int64_t seed) 
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "lrk_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dropout_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+    cuda::launch(dropout_kernel<scalar_t, acc_t>, blocks, kThreads, 0, stream,
         in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, d.seed, d.threshold,
         static_cast<acc_t>(d.scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -68,6 +67,6 @@ void dropout_cuda_(at::Tensor& t, double p, int64_t seed) {
   run_dropout(t, t, p, seed);
 }
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) { m.impl("philox_dropout", &philox_dropout_cuda); }
+LRK_CUDA_KERNELS(m) { m.impl("philox_dropout", &philox_dropout_cuda); }
 
 }  // namespace lrk

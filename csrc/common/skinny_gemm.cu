@@ -98,9 +98,9 @@ __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restri
                                                               int64_t R, int64_t k_chunk, float alpha,
                                                               DeviceDropout drop) {
   constexpr int BM = 64, BK = 32, LDS = BK + 8, LDC = BR + 4;
-  __shared__ __align__(32) T xs[BM * LDS];
-  __shared__ __align__(32) T bs[BR * LDS];
-  __shared__ __align__(32) float cs[BM * LDC];
+  LRK_SHARED(32, T, xs, [BM * LDS]);
+  LRK_SHARED(32, T, bs, [BR * LDS]);
+  LRK_SHARED(32, float, cs, [BM * LDC]);
   const int warp = threadIdx.x / 32;
   const int64_t row0 = int64_t(blockIdx.x) * BM;
   const int64_t rank0 = int64_t(blockIdx.z) * BR;
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
   constexpr int kDsBytes = BMc * LDD * sizeof(T), kXsBytes = BMc * LDX * sizeof(T);
   constexpr int kBsBytes = kAlsoRows ? BKc * LDB * sizeof(T) : 0, kPsBytes = kAlsoRows ? BMc * LDP * 4 : 0;
   constexpr int kStreamBytes = kXsBytes + kBsBytes + kPsBytes, kCsBytes = BR * LDC * 4;
-  __shared__ __align__(128) unsigned char smem[kDsBytes + (kStreamBytes > kCsBytes ? kStreamBytes : kCsBytes)];
+  LRK_SHARED(128, unsigned char, smem, [kDsBytes + (kStreamBytes > kCsBytes ? kStreamBytes : kCsBytes)]);
   T* ds = reinterpret_cast<T*>(smem);
   T* xs = reinterpret_cast<T*>(smem + kDsBytes);
   T* bs = reinterpret_cast<T*>(smem + kDsBytes + kXsBytes);
@@ -272,9 +272,9 @@ __global__ void __launch_bounds__(kThreads) skinny_expand_kernel(const T* __rest
                                                                 T* __restrict__ out, int64_t M, int64_t K,
                                                                 int64_t R, float alpha, DeviceDropout drop) {
   constexpr int BM = 64, BN = 64, BR = 32, LDD = BR + 8, LDB = BN + 8, LDC = BN + 4;
-  __shared__ __align__(32) T ds[BM * LDD];
-  __shared__ __align__(32) T bs[BR * LDB];
-  __shared__ __align__(32) float cs[BM * LDC];
+  LRK_SHARED(32, T, ds, [BM * LDD]);
+  LRK_SHARED(32, T, bs, [BR * LDB]);
+  LRK_SHARED(32, float, cs, [BM * LDC]);
   const int warp = threadIdx.x / 32;
   const int64_t row0 = int64_t(blockIdx.x) * BM;
   const int64_t col0 = int64_t(blockIdx.y) * BN;
@@ -356,7 +356,7 @@ int64_t reduction_chunk(int64_t length, int64_t step, int64_t other_blocks) {
 
 void check_skinny_args(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
                        const at::Tensor& out) {
-  TORCH_CHECK(a.is_cuda() && b.is_cuda() && out.is_cuda(), "skinny gemm: CUDA tensors expected");
+  TORCH_CHECK(cuda::on_kernel_device(a) && cuda::on_kernel_device(b) && cuda::on_kernel_device(out), "skinny gemm: CUDA tensors expected");
   TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
               "skinny gemm: ", a_name, " and ", b_name, " must both be bfloat16 or float16");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && out.is_contiguous() && out.scalar_type() == at::kFloat,
@@ -383,10 +383,9 @@ void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tenso
         const int64_t chunk = reduction_chunk(K, 32, gx * gz);
         const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(cuda::ceil_div(K, chunk)),
                         static_cast<unsigned>(gz));
-        skinny_rows_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+        cuda::launch(skinny_rows_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,
             reinterpret_cast<const T*>(X.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
             out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha * drop.scale), to_device(drop));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
@@ -412,12 +411,11 @@ void launch_cols_kernel(const at::Tensor& D, const at::Tensor& X, const at::Tens
         const int64_t chunk = reduction_chunk(M, 32, gx * gy);
         const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
                         static_cast<unsigned>(cuda::ceil_div(M, chunk)));
-        skinny_cols_kernel<T, BR, decltype(v)::value, kAlsoRows><<<grid, kThreads, 0, stream>>>(
+        cuda::launch(skinny_cols_kernel<T, BR, decltype(v)::value, kAlsoRows>, grid, kThreads, 0, stream,
             reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
             kAlsoRows ? reinterpret_cast<const T*>(Bop->const_data_ptr()) : nullptr, out.mutable_data_ptr<float>(),
             kAlsoRows ? rows_out->mutable_data_ptr<float>() : nullptr, M, K, R, chunk,
             static_cast<float>(alpha * drop.scale), to_device(drop));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
@@ -446,7 +444,7 @@ void skinny_rows_cols_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, cons
 
 void skinny_expand_gemm_cuda(const at::Tensor& D, const at::Tensor& Bop, at::Tensor& out, double alpha,
                              const DropoutParams& drop) {
-  TORCH_CHECK(D.is_cuda() && Bop.is_cuda() && out.is_cuda(), "skinny expand: CUDA tensors expected");
+  TORCH_CHECK(cuda::on_kernel_device(D) && cuda::on_kernel_device(Bop) && cuda::on_kernel_device(out), "skinny expand: CUDA tensors expected");
   TORCH_CHECK(D.scalar_type() == Bop.scalar_type() && out.scalar_type() == D.scalar_type() &&
                   is_half_precision(D.scalar_type()),
               "skinny expand: D, Bop and out must all be bfloat16 or all float16");
@@ -464,11 +462,10 @@ void skinny_expand_gemm_cuda(const at::Tensor& D, const at::Tensor& Bop, at::Ten
       TORCH_CHECK(row_blocks <= 0x7fffffff && col_blocks <= 65535, "skinny expand: [", M, ", ", K,
                   "] is beyond the grid's reach");
       const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
-      skinny_expand_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+      cuda::launch(skinny_expand_kernel<T, decltype(v)::value>, grid, kThreads, 0, stream,
           reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
           reinterpret_cast<T*>(out.mutable_data_ptr()), M, K, R, static_cast<float>(alpha * drop.scale),
           to_device(drop));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

@@ -46,9 +46,8 @@ void philox_normal_cuda(at::Tensor& out, int64_t seed, double std) {
   const c10::cuda::CUDAGuard guard(out.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "philox_normal_cuda", [&] {
-    philox_normal_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
+    cuda::launch(philox_normal_kernel<scalar_t>, grid_for((n + 3) / 4), kThreads, 0, stream,
         out.mutable_data_ptr<scalar_t>(), n, static_cast<uint64_t>(seed), std);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -73,10 +72,9 @@ at::Tensor dequantize_int4_t_cuda(const at::Tensor& packed, const at::Tensor& sc
   at::Tensor out = at::empty({rank, size}, packed.options().dtype(at::kFloat));
   const int64_t total = rank * size;
   if (total == 0) return out;
-  dequantize_int4_kernel<<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cuda::launch(dequantize_int4_kernel, grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream(),
       packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(),
       out.mutable_data_ptr<float>(), rank, size, packed.size(1), scales.size(1), group_size <= 0 ? size : group_size);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -105,11 +103,10 @@ void adam_moments_cuda(const at::Tensor& r, at::Tensor& m, at::Tensor& v, at::Te
   const int64_t n = r.numel();
   if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "galore_adam_moments_cuda", [&] {
-    adam_moments_kernel<scalar_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cuda::launch(adam_moments_kernel<scalar_t>, grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream(),
         r.const_data_ptr<scalar_t>(), m.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(),
         nrm.mutable_data_ptr<scalar_t>(), n, static_cast<scalar_t>(beta1), static_cast<scalar_t>(beta2),
         static_cast<scalar_t>(1.0 - beta1), static_cast<scalar_t>(1.0 - beta2), static_cast<scalar_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -134,12 +131,11 @@ void adam_full_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& m, at
   if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "galore_adam_full_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    adam_full_kernel<scalar_t, acc_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cuda::launch(adam_full_kernel<scalar_t, acc_t>, grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream(),
         param.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), m.mutable_data_ptr<acc_t>(),
         v.mutable_data_ptr<acc_t>(), n, static_cast<acc_t>(beta1), static_cast<acc_t>(beta2),
         static_cast<acc_t>(1.0 - beta1), static_cast<acc_t>(1.0 - beta2), static_cast<acc_t>(eps),
         static_cast<acc_t>(step_size), static_cast<acc_t>(decay));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -158,10 +154,9 @@ void apply_update_cuda(at::Tensor& param, const at::Tensor& update, double step_
   const at::Tensor u = update.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "galore_apply_update_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    apply_update_kernel<scalar_t, acc_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cuda::launch(apply_update_kernel<scalar_t, acc_t>, grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream(),
         param.mutable_data_ptr<scalar_t>(), u.const_data_ptr<acc_t>(), n, static_cast<acc_t>(step_size),
         static_cast<acc_t>(decay));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -182,7 +177,7 @@ void galore_adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) {
+LRK_CUDA_KERNELS(m) {
   m.impl("philox_normal_", &philox_normal_cuda);
   m.impl("galore_dequantize_int4", &galore_dequantize_int4_cuda);
   m.impl("galore_adamw_step", &galore_adamw_step_cuda);

@@ -15,6 +15,7 @@
 
 #include <array>
 
+#include "common/launch.cuh"
 #include "kron/kron_fused.h"
 #include "kron/kron_portable.h"
 
@@ -67,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) {
+LRK_CUDA_KERNELS(m) {
   m.impl("kron_linear", &kron_linear_cuda);
   m.impl("kron_linear_bwd", &kron_linear_bwd_cuda);
 }

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "common/async_copy.cuh"
 #include "common/cuda_utils.cuh"
 #include "kron/kron_fused.h"
 #include "common/dispatch.cuh"
@@ -61,14 +62,15 @@ FusedLayout fused_layout(const KronDims& d, int64_t elem) {
   return L;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) { cuda::cp_async_16(smem, gmem); }
+using cuda::cp_async_commit;
 // Waits until at most the newest committed group is still in flight.
-__device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all_but_newest() { cuda::cp_async_wait<1>(); }
+// Waits for every copy issued, committed or not.
+__device__ __forceinline__ void cp_async_wait_all() {
+  cuda::cp_async_commit();
+  cuda::cp_async_wait<0>();
+}
 
 // X_m [n1, n2] (one contiguous row of x) -> shared [n1][ldx], 16 bytes per copy.
 template <typename T>
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kThreads)
     kron_fused_fwd_kernel(const T* __restrict__ x, const T* __restrict__ u, const T* __restrict__ v,
                           const float* __restrict__ coef, const T* __restrict__ bias, T* __restrict__ y, int64_t M,
                           int k, int m1, int n1, int m2, int n2, FusedLayout L) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  LRK_DYNAMIC_SHARED(128, unsigned char, smem);
   T* us = reinterpret_cast<T*>(smem + L.u_off);
   T* vs = reinterpret_cast<T*>(smem + L.v_off);
   T* xs = reinterpret_cast<T*>(smem + L.x_off);
@@ -236,19 +238,15 @@ void kron_fused_forward_cuda(const at::Tensor& x2, const at::Tensor& u, const at
   cuda::with_half_type(x2.scalar_type(), "kron_linear fused", [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_fused_fwd_kernel<T>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(L.total)));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
-                                                                 static_cast<size_t>(L.total)));
+    cuda::set_max_dynamic_shared_memory(kernel, static_cast<size_t>(L.total));
+    const int per_sm = cuda::max_active_blocks_per_sm(kernel, kThreads, static_cast<size_t>(L.total));
     const int64_t blocks = std::min<int64_t>(d.M, int64_t(std::max(per_sm, 1)) * cuda::sm_count());
-    kernel<<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(L.total), stream>>>(
+    cuda::launch(kernel, static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(L.total), stream,
         reinterpret_cast<const T*>(x2.const_data_ptr()), reinterpret_cast<const T*>(u.const_data_ptr()),
         reinterpret_cast<const T*>(v.const_data_ptr()), coef.const_data_ptr<float>(),
         b.defined() ? reinterpret_cast<const T*>(b.const_data_ptr()) : nullptr,
         reinterpret_cast<T*>(y2.mutable_data_ptr()), d.M, static_cast<int>(d.k), static_cast<int>(d.m1),
         static_cast<int>(d.n1), static_cast<int>(d.m2), static_cast<int>(d.n2), L);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

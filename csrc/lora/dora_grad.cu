@@ -89,11 +89,10 @@ void dora_grad_scale_cuda(const at::Tensor& grad_y, const at::Tensor& y_unscaled
   cuda::with_half_type(grad_y.scalar_type(), "dora_grad_scale: grad_y", [&](auto tag) {
     using T = decltype(tag);
     cuda::with_bool(vec, [&](auto v) {
-      dora_grad_scale_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+      cuda::launch(dora_grad_scale_kernel<T, decltype(v)::value>, grid, kThreads, 0, stream,
           reinterpret_cast<const T*>(grad_y.const_data_ptr()), reinterpret_cast<const T*>(y_unscaled.const_data_ptr()),
           g.const_data_ptr<float>(), reinterpret_cast<T*>(grad_y_scaled.mutable_data_ptr()),
           column_sums.mutable_data_ptr<float>(), M, N, rows_per_block);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

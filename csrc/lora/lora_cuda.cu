@@ -242,7 +242,7 @@ bool dora_forward_hopper(const LoraDims& d, const at::Tensor& x, const at::Tenso
 #endif
 }
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) {
+LRK_CUDA_KERNELS(m) {
   m.impl("lora_fused_fwd", &lora_fused_fwd_cuda);
   m.impl("lora_fused_bwd", &lora_fused_bwd_cuda);
 }

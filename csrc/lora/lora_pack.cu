@@ -48,12 +48,11 @@ void pack_scaled_rows_cuda(const at::Tensor& src, double scale, bool ones_column
   const int64_t blocks = std::min<int64_t>(cuda::ceil_div(packed.numel(), threads), 8LL * cuda::sm_count());
   cuda::with_half_type(packed.scalar_type(), "pack_scaled_rows: packed", [&](auto tag) {
     using T = decltype(tag);
-    pack_scaled_rows_kernel<T><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cuda::launch(pack_scaled_rows_kernel<T>, blocks, threads, 0, at::cuda::getCurrentCUDAStream(),
         src.data_ptr<float>(), rows, static_cast<int>(cols), static_cast<float>(scale), ones_column,
         static_cast<int>(packed.size(1)), reinterpret_cast<T*>(packed.data_ptr()),
         plain != nullptr ? reinterpret_cast<T*>(plain->data_ptr()) : nullptr);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace lrk

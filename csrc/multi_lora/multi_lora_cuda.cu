@@ -156,7 +156,7 @@ void multi_lora_expand_segments_cuda(at::Tensor& y, const at::Tensor& h, at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) {
+LRK_CUDA_KERNELS(m) {
   m.impl("multi_lora_shrink", &multi_lora_shrink_cuda);
   m.impl("multi_lora_shrink_segments", &multi_lora_shrink_segments_cuda);
   m.impl("multi_lora_expand", &multi_lora_expand_cuda);

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kExpandThreads)
     expand_rows_kernel(T* __restrict__ y, int64_t ld_y, const acc_t<T>* __restrict__ h, SlicePack<T> b,
                        const float* __restrict__ scales, int64_t M, AdapterIndex index) {
   using A = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LRK_DYNAMIC_SHARED(16, unsigned char, smem_raw);
   A* hs = reinterpret_cast<A*>(smem_raw);  // scale_j * h[s, i, :r], zero-padded to a whole vector
   const int64_t i = blockIdx.x;
   const int s = blockIdx.y;
@@ -133,9 +133,8 @@ void launch_shrink_rows(const ShrinkLaunch& p, at::ScalarType dtype) {
     const dim3 grid(grid_dim(p.M, 0x7fffffff, "tokens"), static_cast<unsigned>(p.num_slices),
                     grid_dim(cuda::ceil_div(p.index.r_max, kShrinkWarps), 65535, "r_max / 8"));
     cuda::with_bool(vec, [&](auto v) {
-      shrink_rows_kernel<T, decltype(v)::value><<<grid, kShrinkWarps * 32, 0, stream>>>(
+      cuda::launch(shrink_rows_kernel<T, decltype(v)::value>, grid, kShrinkWarps * 32, 0, stream,
           static_cast<const T*>(p.x), pack, static_cast<acc_t<T>*>(p.h), p.M, p.K, p.index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -162,9 +161,8 @@ void launch_expand_rows(const ExpandLaunch& p, at::ScalarType dtype) {
     const dim3 grid(grid_dim(p.M, 0x7fffffff, "tokens"), static_cast<unsigned>(p.num_slices),
                     grid_dim(cuda::ceil_div(n_max, kExpandThreads), 65535, "out_features / 128"));
     cuda::with_bool(vec, [&](auto v) {
-      expand_rows_kernel<T, decltype(v)::value><<<grid, kExpandThreads, smem, stream>>>(
+      cuda::launch(expand_rows_kernel<T, decltype(v)::value>, grid, kExpandThreads, smem, stream,
           static_cast<T*>(p.y), p.ld_y, static_cast<const acc_t<T>*>(p.h), pack, p.scales, p.M, p.index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

@@ -147,9 +147,9 @@ __global__ void __launch_bounds__(kThreads)
     shrink_tiles_kernel(const T* __restrict__ x, SlicePack<T> a, float* __restrict__ h, int64_t M, int64_t K,
                         int64_t k_chunk, int rank_tiles, AdapterIndex index) {
   constexpr int BK = 32, LDS = BK + 8, NQ = BR / 16;
-  __shared__ __align__(32) T xs[kRows * LDS];
-  __shared__ __align__(32) T as[BR * LDS];
-  __shared__ __align__(32) float cs[kRows * result_ld<NQ>()];
+  LRK_SHARED(32, T, xs, [kRows * LDS]);
+  LRK_SHARED(32, T, as, [BR * LDS]);
+  LRK_SHARED(32, float, cs, [kRows * result_ld<NQ>()]);
   const int warp = threadIdx.x / 32;
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
   const int64_t row_end = M < row0 + kRows ? M : row0 + kRows;
@@ -193,9 +193,9 @@ __global__ void __launch_bounds__(kThreads)
     expand_tiles_kernel(T* __restrict__ y, int64_t ld_y, const float* __restrict__ h, SlicePack<T> b,
                         const float* __restrict__ scales, int64_t M, AdapterIndex index) {
   constexpr int BN = 64, BKr = 32, LDS = BKr + 8, NQ = BN / 16;
-  __shared__ __align__(32) T hsm[kRows * LDS];
-  __shared__ __align__(32) T bs[BN * LDS];
-  __shared__ __align__(32) float cs[kRows * result_ld<NQ>()];
+  LRK_SHARED(32, T, hsm, [kRows * LDS]);
+  LRK_SHARED(32, T, bs, [BN * LDS]);
+  LRK_SHARED(32, float, cs, [kRows * result_ld<NQ>()]);
   const int warp = threadIdx.x / 32;
   const int s = blockIdx.z;
   const int64_t N = b.n_out[s];
@@ -267,10 +267,9 @@ void launch_shrink_tiles(const ShrinkLaunch& p, at::ScalarType dtype) {
       const dim3 grid(grid_dim(row_tiles, 0x7fffffff, "token tiles"),
                       grid_dim(cuda::ceil_div(p.K, chunk), 65535, "K splits"), grid_dim(gz, 65535, "slices x rank tiles"));
       cuda::with_bool(vec, [&](auto v) {
-        shrink_tiles_kernel<T, BR, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+        cuda::launch(shrink_tiles_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,
             static_cast<const T*>(p.x), pack, static_cast<float*>(p.h), p.M, p.K, chunk,
             static_cast<int>(rank_tiles), p.index);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
@@ -296,9 +295,8 @@ void launch_expand_tiles(const ExpandLaunch& p, at::ScalarType dtype) {
                     grid_dim(cuda::ceil_div(n_max, 64), 65535, "out_features / 64"),
                     static_cast<unsigned>(p.num_slices));
     cuda::with_bool(vec, [&](auto v) {
-      expand_tiles_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+      cuda::launch(expand_tiles_kernel<T, decltype(v)::value>, grid, kThreads, 0, stream,
           static_cast<T*>(p.y), p.ld_y, static_cast<const float*>(p.h), pack, p.scales, p.M, p.index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

@@ -38,6 +38,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/async_copy.cuh"
 #include "common/cuda_utils.cuh"
 #include "sparse/sparse_checks.h"
 
@@ -46,30 +47,9 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-// ----------------------------------------------------------------------------- cp.async
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = pred ? 16 : 0;  // 0: fill the 16 bytes with zeros, read nothing
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-#else
-  *reinterpret_cast<uint4*>(smem) = pred ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
+using cuda::cp_async_16;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait;
 
 template <typename T>
 __device__ __forceinline__ T nan_value() {
@@ -139,7 +119,7 @@ __global__ void __launch_bounds__(WmmaLayout<BS>::kThreads)
   using C = WmmaCfg<BS>;
   using L = WmmaLayout<BS>;
   constexpr int BM = C::BM, LDS = L::LDS, STAGES = C::STAGES;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LRK_DYNAMIC_SHARED(128, unsigned char, smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t blk = blockIdx.x;
@@ -257,8 +237,8 @@ __global__ void __launch_bounds__(256)
     sddmm_block_simt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int64_t* __restrict__ idx,
                             T* __restrict__ out, int64_t M, int64_t N, int64_t K, int64_t n_blocks, int64_t m_chunk) {
   constexpr int BMs = 16, TM = BS / 16;
-  __shared__ T dys[BMs][BS];
-  __shared__ T xs[BMs][BS];
+  LRK_SHARED(alignof(T), T, dys, [BMs][BS]);
+  LRK_SHARED(alignof(T), T, xs, [BMs][BS]);
   const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
   const int64_t blk = blockIdx.x;
   T* dst = out + (int64_t(blockIdx.y) * n_blocks + blk) * BS * BS;
@@ -322,9 +302,8 @@ __global__ void reduce_splits_kernel(const AccT* __restrict__ ws, OutT* __restri
 template <typename AccT, typename OutT>
 void launch_reduce(const AccT* ws, OutT* out, int64_t n, int splits, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(cuda::ceil_div(n, 256), 8LL * cuda::sm_count());
-  reduce_splits_kernel<AccT, OutT><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0, stream>>>(
+  cuda::launch(reduce_splits_kernel<AccT, OutT>, static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0, stream,
       ws, out, n, splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ----------------------------------------------------------------------------- unstructured (CSR) SDDMM
@@ -354,13 +333,13 @@ __global__ void __launch_bounds__(kCsrThreads)
                      const int64_t* __restrict__ col, AccT* __restrict__ out, int64_t M, int64_t N, int64_t K,
                      int64_t nnz, int64_t n_col_tiles, int64_t m_chunk) {
   constexpr int MC = CsrCfg<AccT>::MC;
-  __shared__ int64_t rp[kCsrRows + 1];
-  __shared__ int64_t list_j[kCsrCap];
-  __shared__ uint16_t list_rc[kCsrCap];
-  __shared__ int warp_counts[kCsrThreads / 32];
-  __shared__ int64_t s_total;
-  __shared__ AccT dys[MC][kCsrRows];
-  __shared__ AccT xs[MC][kCsrCols];
+  LRK_SHARED(alignof(int64_t), int64_t, rp, [kCsrRows + 1]);
+  LRK_SHARED(alignof(int64_t), int64_t, list_j, [kCsrCap]);
+  LRK_SHARED(alignof(uint16_t), uint16_t, list_rc, [kCsrCap]);
+  LRK_SHARED(alignof(int), int, warp_counts, [kCsrThreads / 32]);
+  LRK_SHARED(alignof(int64_t), int64_t, s_total, );
+  LRK_SHARED(alignof(AccT), AccT, dys, [MC][kCsrRows]);
+  LRK_SHARED(alignof(AccT), AccT, xs, [MC][kCsrCols]);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t tile = blockIdx.x;
@@ -504,11 +483,10 @@ void launch_wmma(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& id
   const size_t smem = L::template smem_bytes<T>();
   const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(splits));
   auto go = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, L::kThreads, smem, stream>>>(reinterpret_cast<const T*>(dy.const_data_ptr()),
+    cuda::set_max_dynamic_shared_memory(kernel, smem);
+    cuda::launch(kernel, grid, L::kThreads, smem, stream, reinterpret_cast<const T*>(dy.const_data_ptr()),
                                                 reinterpret_cast<const T*>(x.const_data_ptr()),
                                                 idx.const_data_ptr<int64_t>(), out, M, N, K, nb, chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (vec) {
     go(sddmm_block_wmma_kernel<T, BS, OutT, true>);
@@ -522,7 +500,7 @@ at::Tensor sddmm_block_cuda(const at::Tensor& grad_y, const at::Tensor& x, const
   const SddmmDims d = check_sddmm_operands(grad_y, x, out_dtype);
   check_block_size(block_size);
   const int64_t nb = check_block_indices_shape(block_indices, grad_y);
-  TORCH_CHECK(grad_y.is_cuda(), "grad_y: expected a CUDA tensor, got one on ", grad_y.device());
+  TORCH_CHECK(cuda::on_kernel_device(grad_y), "grad_y: expected a CUDA tensor, got one on ", grad_y.device());
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t b = block_size;
   const auto out_opts = grad_y.options().dtype(d.out_dtype);
@@ -577,10 +555,9 @@ at::Tensor sddmm_block_cuda(const at::Tensor& grad_y, const at::Tensor& x, const
         // float32 / float64 inputs: out_dtype is the input dtype (= the accumulator).
         scalar_t* dst = splits > 1 ? ws.mutable_data_ptr<scalar_t>() : out.mutable_data_ptr<scalar_t>();
         const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(splits));
-        sddmm_block_simt_kernel<scalar_t, BS><<<grid, 256, 0, stream>>>(
+        cuda::launch(sddmm_block_simt_kernel<scalar_t, BS>, grid, 256, 0, stream,
             dy.const_data_ptr<scalar_t>(), xx.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), dst, d.M,
             d.N, d.K, nb, chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (splits > 1) {
           launch_reduce(ws.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), nb * b * b, splits, stream);
         }
@@ -594,7 +571,7 @@ at::Tensor sddmm_csr_cuda(const at::Tensor& grad_y, const at::Tensor& x, const a
                           const at::Tensor& col_indices, std::optional<at::ScalarType> out_dtype) {
   const SddmmDims d = check_sddmm_operands(grad_y, x, out_dtype);
   const int64_t nnz = check_csr_shape(crow_indices, col_indices, d.N, grad_y);
-  TORCH_CHECK(grad_y.is_cuda(), "grad_y: expected a CUDA tensor, got one on ", grad_y.device());
+  TORCH_CHECK(cuda::on_kernel_device(grad_y), "grad_y: expected a CUDA tensor, got one on ", grad_y.device());
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const auto acc = sddmm_acc_dtype(grad_y.scalar_type());
   const auto out_opts = grad_y.options().dtype(d.out_dtype);
@@ -622,11 +599,10 @@ at::Tensor sddmm_csr_cuda(const at::Tensor& grad_y, const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(), "sddmm_csr_cuda", [&] {
     using T = cuda::native_t<scalar_t>;
     using AccT = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    sddmm_csr_kernel<T, AccT><<<grid, kCsrThreads, 0, stream>>>(
+    cuda::launch(sddmm_csr_kernel<T, AccT>, grid, kCsrThreads, 0, stream,
         reinterpret_cast<const T*>(dy.const_data_ptr()), reinterpret_cast<const T*>(xx.const_data_ptr()),
         crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), buf.mutable_data_ptr<AccT>(), d.M, d.N, d.K,
         nnz, n_col_tiles, chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!direct) {
       at::Tensor out = at::empty({nnz}, out_opts);
       if (d.out_dtype == acc) {
@@ -642,7 +618,7 @@ at::Tensor sddmm_csr_cuda(const at::Tensor& grad_y, const at::Tensor& x, const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) {
+LRK_CUDA_KERNELS(m) {
   m.impl("sddmm_block", &sddmm_block_cuda);
   m.impl("sddmm_csr", &sddmm_csr_cuda);
 }

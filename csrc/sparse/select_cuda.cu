@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
     radix_hist_kernel(const T* __restrict__ x, int64_t n, const SelectState* __restrict__ state,
                       u64* __restrict__ hist, int shift, int width, bool first) {
   using Key = KeyOf<T>;
-  __shared__ unsigned int counts[kMaxBins];
+  LRK_SHARED(alignof(unsigned), unsigned, counts, [kMaxBins]);
   const int bins = 1 << width;
   for (int i = threadIdx.x; i < bins; i += kThreads) counts[i] = 0;
   __syncthreads();
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
     radix_select_kernel(const u64* __restrict__ hist, SelectState* __restrict__ state, int shift, int width,
                         bool first, u64 rank, T* __restrict__ out, bool last) {
   using Scan = cub::BlockScan<u64, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
+  LRK_SHARED(alignof(typename Scan::TempStorage), typename Scan::TempStorage, scan_storage, );
   const int bins = 1 << width;
   const int per = bins / kThreads;  // bins are 256 .. 2048
   const u64 prefix = first ? 0 : state->prefix;
@@ -133,18 +133,16 @@ void run_select(const at::Tensor& xc, int64_t rank, at::Tensor& out) {
   for (int p = 0; p < kPasses; ++p) {
     const RadixDigit dg = radix_digit(kBits, p);
     u64* hist = words + 3 + int64_t(p) * kMaxBins;
-    radix_hist_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(x, n, state, hist, dg.shift, dg.width,
+    cuda::launch(radix_hist_kernel<T>, static_cast<unsigned>(grid), kThreads, 0, stream, x, n, state, hist, dg.shift, dg.width,
                                                                                 p == 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    radix_select_kernel<T><<<1, kThreads, 0, stream>>>(hist, state, dg.shift, dg.width, p == 0,
+    cuda::launch(radix_select_kernel<T>, 1, kThreads, 0, stream, hist, state, dg.shift, dg.width, p == 0,
                                                        static_cast<u64>(rank), o, p == kPasses - 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 at::Tensor abs_kth_value_cuda(const at::Tensor& x, int64_t k, bool largest) {
   check_kth_args(x, k);
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(cuda::on_kernel_device(x), "x: expected a CUDA tensor, got one on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const int64_t rank = rank_from_top(xc.numel(), k, largest);
@@ -157,6 +155,6 @@ at::Tensor abs_kth_value_cuda(const at::Tensor& x, int64_t k, bool largest) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrk, CUDA, m) { m.impl("abs_kth_value", &abs_kth_value_cuda); }
+LRK_CUDA_KERNELS(m) { m.impl("abs_kth_value", &abs_kth_value_cuda); }
 
 }  // namespace lrk

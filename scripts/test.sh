@@ -5,4 +5,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # PEFT (with transformers) is needed by the PEFT-integration and adapter-loading tests.
 LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft} . scripts/setup_env.sh
+# The CUDA kernels also run on the CPU emulator (csrc/emu/README.md): the tests'
+# "emu" device. LRK_EMULATED: auto (default: when CUDA's headers are found),
+# 1 (required) or 0 (skip).
+_lrk_emu=${LRK_EMULATED:-auto}
+if [ "$_lrk_emu" = auto ]; then
+  _lrk_emu=0
+  for _inc in "${CUDA_HOME:-/usr/local/cuda}/include" $(python -c "import glob, os, torch; print(' '.join(glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia', '*', 'include'))))"); do
+    [ -f "$_inc/cuda_fp16.h" ] && _lrk_emu=1
+  done
+fi
+if [ "$_lrk_emu" = 1 ]; then
+  echo "[test] building the emulated CUDA kernels"
+  bash scripts/build_emulated.sh
+else
+  echo "[test] emulated CUDA kernels not built (LRK_EMULATED=0 or no CUDA headers): the emu tests skip"
+fi
 python -m pytest -q -rs tests "$@"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The CUDA kernels on the CPU emulator (csrc/emu/README.md), beyond what
+# scripts/test.sh runs (every test's emu device, threads in shuffled order):
+#   1. the emu tests again with threads in forward and in reverse order;
+#   2. the emulated library built with AddressSanitizer + UBSan, and a bounded
+#      set of emu tests against it: any finding aborts the run.
+# Run after scripts/test.sh (it uses that venv). LRK_EMU_SANITIZE_TESTS
+# overrides the sanitized test selection (pytest arguments).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. "${LRK_VENV:-.venv}/bin/activate"
+export PYTHONPATH=$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+for order in forward reverse; do
+  echo "=== emulated CUDA kernels, threads in $order order"
+  t0=$(date +%s)
+  LRK_EMU_ORDER=$order python -m pytest -q -m emu -p no:cacheprovider tests
+  echo "[test_emulated] $order order: $(( $(date +%s) - t0 )) s"
+done
+
+echo "=== emulated CUDA kernels under AddressSanitizer + UBSan"
+bash scripts/build_emulated.sh --sanitize
+t0=$(date +%s)
+ASAN_LIB=$(gcc -print-file-name=libasan.so)
+# Leaks: the interpreter's own allocations at exit are not lrk's. Any other
+# finding stops the process, which fails the run.
+LD_PRELOAD=$ASAN_LIB ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 LRK_EMU_SANITIZED=1 LRK_EMU_ORDER=shuffled LRK_EMU_SEED=5 \
+  python -m pytest -q -m emu -p no:cacheprovider ${LRK_EMU_SANITIZE_TESTS:-tests}
+echo "[test_emulated] sanitized: $(( $(date +%s) - t0 )) s"

@@ -1,7 +1,8 @@
 #pragma once
 // Memory-bound "skinny" products with one small dimension (a rank), on tensor
 // cores (WMMA, sm_80+), bf16/fp16 operands, fp32 accumulation into an fp32 output
-// that the caller zeroes first (blocks split the long reduction and add atomically).
+// that the caller zeroes first (blocks split the long reduction and add atomically,
+// or in a fixed order under torch.use_deterministic_algorithms: split_reduce.h).
 // An optional Philox dropout is applied to X as it is loaded (never stored).
 #include <ATen/ATen.h>
 

@@ -163,6 +163,25 @@ __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restri
 // LoRA's backward gets dh = s*dy@B and dB^T = s*h^T@dy from one read of dy.
 // split_stride: as in skinny_rows_kernel, for out's M splits (rows_out is always
 // added atomically; deterministic mode does not use kAlsoRows).
+//
+// Ranks past 64 take one block per 64-rank tile (grid.y), each streaming the same
+// X columns, so r = 128 streams dy twice and r = 256 four times. One block over all
+// r ranks would stream it once, but costs more than it saves (bf16, M = 8192,
+// K = 4096: dy is 64 MiB; benchmarks/RESULTS.md, 2026-12-07):
+//  - out's accumulators live across the whole M loop: r x 128 fp32 per block, i.e.
+//    128 (r = 128) or 256 (r = 256) registers per thread of 128 before any other
+//    value: r = 256 is past the 255-register limit (spills); r = 128 allows at most 3
+//    blocks per SM (65536 registers; 4 blocks would leave none for anything else).
+//  - shared memory (ds, xs, Bop's 128 x (r+8) slice, ps; then cs, r x 132 fp32):
+//    74.5 KiB (r = 128) or 148.5 KiB (r = 256) against 39.5 KiB at BR = 64, past the
+//    48 KiB static limit; 2 (A100) or 3 (H100) blocks per SM at r = 128, 1 at r = 256.
+//  - narrowing the 128 columns instead, so that the accumulators fit, multiplies the
+//    traffic that scales with the column-block count K / 128: reading D
+//    (K/128 * M * r * 2 B: 64 MiB at r = 128) and adding rows_out (K/128 * M * r * 4 B:
+//    128 MiB). r = 128 with 64 columns saves one 64 MiB pass over dy and adds
+//    64 + 128 MiB; r = 256 with 32 columns saves 192 MiB and adds 384 + 768 MiB.
+// The rank-tile blocks of one (column block, M range) are launched K / 128 blocks
+// apart, usually in the same wave, so their repeated dy reads can come from L2.
 template <typename T, int BR, bool kVec, bool kAlsoRows>
 __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restrict__ D, const T* __restrict__ X,
                                                               const T* __restrict__ Bop, float* __restrict__ out,

@@ -18,7 +18,8 @@ void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tenso
 void skinny_cols_gemm_cuda(const at::Tensor& D, const at::Tensor& X, at::Tensor& out, double alpha,
                            const DropoutParams& drop);
 
-// Both LoRA backward products from one read of X [M, K] (dy):
+// Both LoRA backward products from one read of X [M, K] (dy; two reads, by the two
+// kernels above, under torch.use_deterministic_algorithms):
 //   rows_out[M, R] += alpha * X @ Bop       Bop [K, R]   (dh = s * dy @ B)
 //   cols_out[R, K] += alpha * D^T @ X       D [M, R]     (dB^T = s * h^T @ dy)
 void skinny_rows_cols_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, const at::Tensor& D,

@@ -10,7 +10,9 @@ from helpers import (assert_close, assert_compiled_grads_match_eager, check_grad
                      poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
-# ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path).
+# ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path); ranks
+# past one 64-rank tile (65, 128, 200, 256: several rank tiles, the last one
+# partial) with odd M, K and N.
 SHAPES = [
     ((0,), 40, 24, 3),
     ((1,), 33, 17, 1),
@@ -21,6 +23,10 @@ SHAPES = [
     ((64,), 128, 96, 16),
     ((3, 100), 136, 264, 32),
     ((130,), 64, 520, 48),
+    ((301,), 333, 259, 65),
+    ((77,), 259, 131, 128),
+    ((257,), 391, 301, 200),
+    ((129,), 263, 517, 256),
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

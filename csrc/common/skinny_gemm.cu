@@ -2,7 +2,8 @@
 // Both kernels stream the long operand X once, tile by tile, through shared
 // memory with a one-tile register prefetch, and split the reduction over the
 // grid so that a few hundred blocks keep memory busy; partial sums meet in the
-// fp32 output through atomicAdd.
+// fp32 output through atomicAdd, or, under torch.use_deterministic_algorithms, in
+// per-split slices of a workspace summed in a fixed order (common/split_reduce.h).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <mma.h>
@@ -11,6 +12,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.cuh"
 #include "common/skinny_gemm.h"
+#include "common/split_reduce.h"
 
 namespace lrk {
 namespace {
@@ -92,11 +94,13 @@ __device__ __forceinline__ void accumulate(float* out, float v, bool atomic) {
 
 // out[M, R] += alpha * dropout(X)[M, K] @ Bop[R, K]^T. Block: 64 rows x BR ranks,
 // a K range of k_chunk (a multiple of 32); warp w owns rows 16w..16w+15.
+// split_stride 0: the K splits add into out atomically; else split y adds into
+// out + y * split_stride alone (deterministic mode, see split_reduce.h).
 template <typename T, int BR, bool kVec>
 __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restrict__ X, const T* __restrict__ Bop,
                                                               float* __restrict__ out, int64_t M, int64_t K,
                                                               int64_t R, int64_t k_chunk, float alpha,
-                                                              DeviceDropout drop) {
+                                                              DeviceDropout drop, int64_t split_stride) {
   constexpr int BM = 64, BK = 32, LDS = BK + 8, LDC = BR + 4;
   LRK_SHARED(32, T, xs, [BM * LDS]);
   LRK_SHARED(32, T, bs, [BR * LDS]);
@@ -144,7 +148,8 @@ __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restri
     wmma::store_matrix_sync(cs + warp * 16 * LDC + j * 16, acc[j], LDC, wmma::mem_row_major);
   }
   __syncthreads();
-  const bool atomic = gridDim.y > 1;
+  const bool atomic = gridDim.y > 1 && split_stride == 0;
+  out += blockIdx.y * split_stride;
   for (int i = threadIdx.x; i < BM * BR; i += kThreads) {
     const int64_t gr = row0 + i / BR, gc = rank0 + i % BR;
     if (gr < M && gc < R) accumulate(out + gr * R + gc, alpha * cs[(i / BR) * LDC + i % BR], atomic);
@@ -156,12 +161,33 @@ __global__ void __launch_bounds__(kThreads) skinny_rows_kernel(const T* __restri
 // kAlsoRows: the same pass over X also adds rows_out[M, R] += alpha * X @ Bop
 // (Bop [K, R], the block's 128 rows of it held in shared memory), so that
 // LoRA's backward gets dh = s*dy@B and dB^T = s*h^T@dy from one read of dy.
+// split_stride: as in skinny_rows_kernel, for out's M splits (rows_out is always
+// added atomically; deterministic mode does not use kAlsoRows).
+//
+// Ranks past 64 take one block per 64-rank tile (grid.y), each streaming the same
+// X columns, so r = 128 streams dy twice and r = 256 four times. One block over all
+// r ranks would stream it once, but costs more than it saves (bf16, M = 8192,
+// K = 4096: dy is 64 MiB; benchmarks/RESULTS.md, 2026-12-07):
+//  - out's accumulators live across the whole M loop: r x 128 fp32 per block, i.e.
+//    128 (r = 128) or 256 (r = 256) registers per thread of 128 before any other
+//    value: r = 256 is past the 255-register limit (spills); r = 128 allows at most 3
+//    blocks per SM (65536 registers; 4 blocks would leave none for anything else).
+//  - shared memory (ds, xs, Bop's 128 x (r+8) slice, ps; then cs, r x 132 fp32):
+//    74.5 KiB (r = 128) or 148.5 KiB (r = 256) against 39.5 KiB at BR = 64, past the
+//    48 KiB static limit; 2 (A100) or 3 (H100) blocks per SM at r = 128, 1 at r = 256.
+//  - narrowing the 128 columns instead, so that the accumulators fit, multiplies the
+//    traffic that scales with the column-block count K / 128: reading D
+//    (K/128 * M * r * 2 B: 64 MiB at r = 128) and adding rows_out (K/128 * M * r * 4 B:
+//    128 MiB). r = 128 with 64 columns saves one 64 MiB pass over dy and adds
+//    64 + 128 MiB; r = 256 with 32 columns saves 192 MiB and adds 384 + 768 MiB.
+// The rank-tile blocks of one (column block, M range) are launched K / 128 blocks
+// apart, usually in the same wave, so their repeated dy reads can come from L2.
 template <typename T, int BR, bool kVec, bool kAlsoRows>
 __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restrict__ D, const T* __restrict__ X,
                                                               const T* __restrict__ Bop, float* __restrict__ out,
                                                               float* __restrict__ rows_out, int64_t M, int64_t K,
                                                               int64_t R, int64_t m_chunk, float alpha,
-                                                              DeviceDropout drop) {
+                                                              DeviceDropout drop, int64_t split_stride) {
   constexpr int BMc = 32, BKc = 128, LDX = BKc + 8, LDD = BR + 8, LDC = BKc + 4, LDB = BR + 8, LDP = BR + 4;
   // Shared memory: ds | xs | bs | ps while streaming; the final fp32 tile cs
   // reuses the space from xs on (every region is a multiple of 32 bytes).
@@ -255,7 +281,8 @@ __global__ void __launch_bounds__(kThreads) skinny_cols_kernel(const T* __restri
     wmma::store_matrix_sync(cs + i * 16 * LDC + warp * 32 + 16, acc[i][1], LDC, wmma::mem_row_major);
   }
   __syncthreads();
-  const bool atomic = gridDim.z > 1;
+  const bool atomic = gridDim.z > 1 && split_stride == 0;
+  out += blockIdx.z * split_stride;
   for (int i = threadIdx.x; i < BR * BKc; i += kThreads) {
     const int64_t gr = rank0 + i / BKc, gc = col0 + i % BKc;
     if (gr < R && gc < K) accumulate(out + gr * K + gc, alpha * cs[(i / BKc) * LDC + i % BKc], atomic);
@@ -381,11 +408,13 @@ void skinny_rows_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, at::Tenso
       cuda::with_bool(vec, [&](auto v) {
         const int64_t gx = cuda::ceil_div(M, 64), gz = cuda::ceil_div(R, BR);
         const int64_t chunk = reduction_chunk(K, 32, gx * gz);
-        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(cuda::ceil_div(K, chunk)),
-                        static_cast<unsigned>(gz));
-        cuda::launch(skinny_rows_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,
-            reinterpret_cast<const T*>(X.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
-            out.mutable_data_ptr<float>(), M, K, R, chunk, static_cast<float>(alpha * drop.scale), to_device(drop));
+        const int64_t splits = cuda::ceil_div(K, chunk);
+        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits), static_cast<unsigned>(gz));
+        reduce_splits_into(out, splits, [&](float* dst, int64_t split_stride) {
+          cuda::launch(skinny_rows_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,
+              reinterpret_cast<const T*>(X.const_data_ptr()), reinterpret_cast<const T*>(Bop.const_data_ptr()),
+              dst, M, K, R, chunk, static_cast<float>(alpha * drop.scale), to_device(drop), split_stride);
+        });
       });
     });
   });
@@ -409,13 +438,15 @@ void launch_cols_kernel(const at::Tensor& D, const at::Tensor& X, const at::Tens
       cuda::with_bool(vec, [&](auto v) {
         const int64_t gx = cuda::ceil_div(K, 128), gy = cuda::ceil_div(R, BR);
         const int64_t chunk = reduction_chunk(M, 32, gx * gy);
-        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
-                        static_cast<unsigned>(cuda::ceil_div(M, chunk)));
-        cuda::launch(skinny_cols_kernel<T, BR, decltype(v)::value, kAlsoRows>, grid, kThreads, 0, stream,
-            reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
-            kAlsoRows ? reinterpret_cast<const T*>(Bop->const_data_ptr()) : nullptr, out.mutable_data_ptr<float>(),
-            kAlsoRows ? rows_out->mutable_data_ptr<float>() : nullptr, M, K, R, chunk,
-            static_cast<float>(alpha * drop.scale), to_device(drop));
+        const int64_t splits = cuda::ceil_div(M, chunk);
+        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
+        reduce_splits_into(out, kAlsoRows ? 1 : splits, [&](float* dst, int64_t split_stride) {
+          cuda::launch(skinny_cols_kernel<T, BR, decltype(v)::value, kAlsoRows>, grid, kThreads, 0, stream,
+              reinterpret_cast<const T*>(D.const_data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
+              kAlsoRows ? reinterpret_cast<const T*>(Bop->const_data_ptr()) : nullptr, dst,
+              kAlsoRows ? rows_out->mutable_data_ptr<float>() : nullptr, M, K, R, chunk,
+              static_cast<float>(alpha * drop.scale), to_device(drop), split_stride);
+        });
       });
     });
   });
@@ -439,6 +470,15 @@ void skinny_rows_cols_gemm_cuda(const at::Tensor& X, const at::Tensor& Bop, cons
   TORCH_CHECK(D.size(0) == M && Bop.size(0) == K && Bop.size(1) == R && rows_out.size(0) == M &&
                   rows_out.size(1) == R && cols_out.size(0) == R && cols_out.size(1) == K,
               "skinny_rows_cols_gemm: shape mismatch");
+  if (deterministic_mode()) {
+    // The fused kernel adds rows_out from every 128-column block of X; per-block
+    // slices would take ceil(K / 128) * M * R * 4 bytes of workspace, R / 64 times
+    // the size of X itself (bf16). Reading X twice costs one more pass over it and a
+    // workspace of at most a few splits of [M, R] (few when M is large).
+    skinny_rows_gemm_cuda(X, Bop.t().contiguous(), rows_out, alpha, DropoutParams{});
+    launch_cols_kernel<false>(D, X, nullptr, cols_out, nullptr, alpha, DropoutParams{});
+    return;
+  }
   launch_cols_kernel<true>(D, X, &Bop, cols_out, &rows_out, alpha, DropoutParams{});
 }
 

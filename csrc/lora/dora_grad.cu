@@ -1,10 +1,12 @@
 // dora_grad_scale_cuda (see dora_grad.h). Each thread owns 8 adjacent columns
 // (one 16-byte load per row when N % 8 == 0) over a range of rows, keeps their
-// sums in registers and adds them to column_sums once.
+// sums in registers and adds them to column_sums once (atomically; in
+// deterministic mode into its row split's slice of a workspace, common/split_reduce.h).
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.cuh"
+#include "common/split_reduce.h"
 #include "lora/dora_grad.h"
 
 namespace lrk {
@@ -16,7 +18,7 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     dora_grad_scale_kernel(const T* __restrict__ dy, const T* __restrict__ yu, const float* __restrict__ g,
                            T* __restrict__ dys, float* __restrict__ column_sums, int64_t M, int64_t N,
-                           int64_t rows_per_block) {
+                           int64_t rows_per_block, int64_t split_stride) {
   const int64_t col0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8;
   if (col0 >= N) return;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
@@ -55,9 +57,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  column_sums += blockIdx.y * split_stride;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    if (col0 + j < N && row_begin < row_end) atomicAdd(column_sums + col0 + j, sums[j]);
+    if (col0 + j >= N || row_begin >= row_end) continue;
+    if (split_stride == 0) {
+      atomicAdd(column_sums + col0 + j, sums[j]);
+    } else {
+      column_sums[col0 + j] += sums[j];  // this split's own slice: one writer
+    }
   }
 }
 
@@ -83,16 +91,19 @@ void dora_grad_scale_cuda(const at::Tensor& grad_y, const at::Tensor& y_unscaled
   const int64_t col_blocks = cuda::ceil_div(N, 8LL * kThreads);
   const int64_t row_splits = std::clamp<int64_t>(cuda::ceil_div(4LL * cuda::sm_count(), col_blocks), 1, 65535);
   const int64_t rows_per_block = cuda::ceil_div(M, row_splits);
-  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(cuda::ceil_div(M, rows_per_block)));
+  const int64_t splits = cuda::ceil_div(M, rows_per_block);
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   TORCH_CHECK(col_blocks <= 0x7fffffff, "dora_grad_scale: N = ", N, " is beyond the grid's reach");
   auto stream = at::cuda::getCurrentCUDAStream();
   cuda::with_half_type(grad_y.scalar_type(), "dora_grad_scale: grad_y", [&](auto tag) {
     using T = decltype(tag);
     cuda::with_bool(vec, [&](auto v) {
-      cuda::launch(dora_grad_scale_kernel<T, decltype(v)::value>, grid, kThreads, 0, stream,
-          reinterpret_cast<const T*>(grad_y.const_data_ptr()), reinterpret_cast<const T*>(y_unscaled.const_data_ptr()),
-          g.const_data_ptr<float>(), reinterpret_cast<T*>(grad_y_scaled.mutable_data_ptr()),
-          column_sums.mutable_data_ptr<float>(), M, N, rows_per_block);
+      reduce_splits_into(column_sums, splits, [&](float* dst, int64_t split_stride) {
+        cuda::launch(dora_grad_scale_kernel<T, decltype(v)::value>, grid, kThreads, 0, stream,
+            reinterpret_cast<const T*>(grad_y.const_data_ptr()), reinterpret_cast<const T*>(y_unscaled.const_data_ptr()),
+            g.const_data_ptr<float>(), reinterpret_cast<T*>(grad_y_scaled.mutable_data_ptr()), dst, M, N,
+            rows_per_block, split_stride);
+      });
     });
   });
 }

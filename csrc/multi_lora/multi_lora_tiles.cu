@@ -13,9 +13,11 @@
 //
 // Shrink: block = (64 tokens, K chunk, slice x rank tile of BR); K is split over
 // the grid so that a few hundred blocks run, partial sums meet in the fp32 h
-// (zeroed by the caller) through atomicAdd.
+// (zeroed by the caller) through atomicAdd; in deterministic mode each K split
+// adds into its own slice of a workspace, summed in a fixed order (common/split_reduce.h).
 // Expand: block = (64 tokens, 64 columns, slice); the rank loop runs in steps of
 // 32 up to r_j, h is scaled by s_j and rounded to the input dtype as it is staged.
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <mma.h>
 
@@ -24,6 +26,7 @@
 
 #include "multi_lora/multi_lora_cuda.cuh"
 #include "common/dispatch.cuh"
+#include "common/split_reduce.h"
 
 namespace lrk::multi_lora {
 namespace {
@@ -145,7 +148,7 @@ __device__ __forceinline__ void write_segment_rows(float* cs, Accumulator (&acc)
 template <typename T, int BR, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     shrink_tiles_kernel(const T* __restrict__ x, SlicePack<T> a, float* __restrict__ h, int64_t M, int64_t K,
-                        int64_t k_chunk, int rank_tiles, AdapterIndex index) {
+                        int64_t k_chunk, int rank_tiles, AdapterIndex index, int64_t split_stride) {
   constexpr int BK = 32, LDS = BK + 8, NQ = BR / 16;
   LRK_SHARED(32, T, xs, [kRows * LDS]);
   LRK_SHARED(32, T, as, [BR * LDS]);
@@ -158,8 +161,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t kbeg = int64_t(blockIdx.y) * k_chunk;
   const int64_t kend = K < kbeg + k_chunk ? K : kbeg + k_chunk;
   const int64_t r_max = index.r_max;
-  const bool split = gridDim.y > 1;  // K-split partials meet in h through atomicAdd
-  float* hs = h + int64_t(s) * M * r_max;
+  // K-split partials meet in h through atomicAdd, or each adds into its own slice.
+  const bool split = gridDim.y > 1 && split_stride == 0;
+  float* hs = h + blockIdx.y * split_stride + int64_t(s) * M * r_max;
 
   for_each_tile_segment(index, M, row0, row_end, [&](int64_t lo, int64_t hi, int64_t j, int64_t r) {
     if (r <= rank0) return;  // this rank tile is past the adapter's rank: h stays 0
@@ -266,10 +270,15 @@ void launch_shrink_tiles(const ShrinkLaunch& p, at::ScalarType dtype) {
       const int64_t chunk = cuda::ceil_div(steps, splits) * 32;
       const dim3 grid(grid_dim(row_tiles, 0x7fffffff, "token tiles"),
                       grid_dim(cuda::ceil_div(p.K, chunk), 65535, "K splits"), grid_dim(gz, 65535, "slices x rank tiles"));
+      // This pack's slices of h: [num_slices, M, r_max] float32, contiguous.
+      const at::Tensor h = at::from_blob(p.h, {int64_t(p.num_slices) * p.M * p.index.r_max},
+                                         at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
       cuda::with_bool(vec, [&](auto v) {
-        cuda::launch(shrink_tiles_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,
-            static_cast<const T*>(p.x), pack, static_cast<float*>(p.h), p.M, p.K, chunk,
-            static_cast<int>(rank_tiles), p.index);
+        reduce_splits_into(h, grid.y, [&](float* dst, int64_t split_stride) {
+          cuda::launch(shrink_tiles_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,
+              static_cast<const T*>(p.x), pack, dst, p.M, p.K, chunk, static_cast<int>(rank_tiles), p.index,
+              split_stride);
+        });
       });
     });
   });

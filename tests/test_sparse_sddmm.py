@@ -87,7 +87,7 @@ def test_sddmm_block_empty_mask(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,N,K,density", [
     ((37,), 70, 50, 0.1), ((1,), 33, 130, 0.5), ((3, 40), 45, 300, 0.05),
-    ((20,), 64, 160, 1.0),   # full mask: 4096 entries in a 32 x 128 CUDA tile, two passes
+    ((20,), 64, 160, 1.0),   # full mask: 10240 entries in one CUDA tile, three work items of <= 4096
     ((2000,), 31, 17, 0.3),  # long reduction: token splits on CUDA
     ((0,), 10, 12, 0.5)])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])

@@ -12,6 +12,13 @@ kept entry. The block SDDMM is memory-bound (a 64x64 block over 8192 tokens does
 flops per byte), so each row's note gives its GB/s as a share of the device's copy
 bandwidth, measured in the same run (a large device-to-device copy, read + write).
 
+CSR SDDMM against the dense product it replaces, at 0.1%, 1% and 10% of the
+entries (random, duplicate-free), one table, ratios against "dense" of the same run:
+  dense            dy^T @ x alone (TFLOP/s: 2*M*N*K)
+  dense+gather     dy^T @ x, then the kept entries gathered
+  lrk_csr          torch.ops.lrk.sddmm_csr
+CUDA: M = 4096, N = K = 16384; CPU: M = 1024, N = K = 2048 (--quick: 256 x 512 x 512).
+
 Layers, forward + backward (x requires grad, W frozen) of one N x K linear layer:
   full             nn.Linear with W trainable (dense gradient)
   lora             torch.ops.lrk.lora_fused, r = 16
@@ -48,6 +55,10 @@ GPU_SDDMM = [  # (M, N, K, block size or 0 for unstructured, density)
 ]
 CPU_SDDMM = [(1024, 512, 512, 64, 0.01), (1024, 512, 512, 64, 0.10), (1024, 512, 512, 64, 0.30),
              (1024, 512, 512, 16, 0.10), (1024, 512, 512, 0, 0.01), (1024, 512, 512, 0, 0.10)]
+CSR_DENSITIES = (0.001, 0.01, 0.10)
+GPU_CSR = [(4096, 16384, 16384, d) for d in CSR_DENSITIES]
+CPU_CSR = [(1024, 2048, 2048, d) for d in CSR_DENSITIES]
+CPU_CSR_QUICK = [(256, 512, 512, d) for d in CSR_DENSITIES]
 GPU_LAYERS = [(8192, 4096, 4096)]
 CPU_LAYERS = [(512, 512, 512)]
 
@@ -125,6 +136,43 @@ def run_sddmm(M, N, K, b, density, device, dtype, copy_bw=None):
         results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
                               gbps=gbps, rel_err=err, note=note,
                               extra=dict(shape=(M, N, K), block_size=b, density=density)))
+    base = results[0].ms
+    for r in results:
+        if r.ms and base:
+            r.ratio = r.ms / base
+    return results
+
+
+def run_csr_vs_dense(M, N, K, density, device, dtype):
+    """lrk_csr next to the dense product (and dense+gather) on one random pattern."""
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
+    crow, col = sp.mask_to_csr(torch.rand(N, K, generator=gen) < density)
+    crow, col = crow.to(device), col.to(device)
+    rows = torch.repeat_interleave(torch.arange(N, device=device), crow.diff())
+    nnz = col.numel()
+    case = f"{M}x{N}x{K} csr {density:.1%}"
+    with torch.no_grad():
+        want = (dy.float().t() @ x.float())[rows, col]
+    contenders = {
+        "dense": (lambda: dy.t() @ x, 2.0 * M * N * K),
+        "dense+gather": (lambda: (dy.t() @ x)[rows, col], 2.0 * M * nnz),
+        "lrk_csr": (lambda: sp.sddmm_csr(dy, x, crow, col), 2.0 * M * nnz),
+    }
+    results = []
+    for name, (fn, flops) in contenders.items():
+        note, err = "", None
+        try:
+            out = fn()
+            if name != "dense":
+                err = ((out.float() - want).norm() / want.norm()).item()
+            ms = time_ms(fn, device)
+        except Exception as exc:  # report, keep going
+            ms, note = None, f"failed: {type(exc).__name__}: {str(exc)[:70]}"
+        results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
+                              rel_err=err, note=note or f"nnz {nnz}",
+                              extra=dict(shape=(M, N, K), density=density, nnz=nnz)))
     base = results[0].ms
     for r in results:
         if r.ms and base:
@@ -244,7 +292,7 @@ def print_targets(sddmm, layer_results, device, dtype):
 
 
 def main(argv=None):
-    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first two SDDMM cases and the layers")
+    args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first two SDDMM cases, the CSR table at smaller CPU shapes, and the layers")
     sddmm_cases = pick_cases(device, GPU_SDDMM, CPU_SDDMM, 2 if args.quick else None)
     layer_cases = pick_cases(device, GPU_LAYERS, CPU_LAYERS)
     copy_bw = copy_gbps(device)
@@ -253,6 +301,12 @@ def main(argv=None):
         sddmm += run_sddmm(*case, device, dtype, copy_bw)
     title = f"masked-gradient SDDMM, {dtype}, {device.type}; copy bandwidth in this run {copy_bw:.0f} GB/s"
     print_table(title, sddmm)
+    csr_cases = GPU_CSR if device.type == "cuda" else (CPU_CSR_QUICK if args.quick else CPU_CSR)
+    csr = []
+    for case in csr_cases:
+        csr += run_csr_vs_dense(*case, device, dtype)
+    title_csr = f"CSR SDDMM vs the dense product, {dtype}, {device.type} (x base: against dense, same run)"
+    print_table(title_csr, csr)
     layer_results = []
     for case in layer_cases:
         layer_results += run_layers(*case, device, dtype)
@@ -262,8 +316,8 @@ def main(argv=None):
     print_targets(sddmm, layer_results, device, dtype)
     if args.json:
         env = dict(environment(device), copy_GBps=copy_bw)
-        write_json(args.json, title + " / " + title2, env, sddmm + layer_results)
-    return sddmm + layer_results
+        write_json(args.json, title + " / " + title_csr + " / " + title2, env, sddmm + csr + layer_results)
+    return sddmm + csr + layer_results
 
 
 if __name__ == "__main__":

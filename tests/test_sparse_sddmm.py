@@ -87,7 +87,7 @@ def test_sddmm_block_empty_mask(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,N,K,density", [
     ((37,), 70, 50, 0.1), ((1,), 33, 130, 0.5), ((3, 40), 45, 300, 0.05),
-    ((20,), 64, 160, 1.0),   # full mask: 4096 entries in a 32 x 128 CUDA tile, two passes
+    ((20,), 64, 160, 1.0),   # full mask: 10240 entries in one CUDA tile, three work items of <= 4096
     ((2000,), 31, 17, 0.3),  # long reduction: token splits on CUDA
     ((0,), 10, 12, 0.5)])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
@@ -121,6 +121,74 @@ def test_sddmm_csr_unsorted_columns_and_empty(device):
     empty = sp.sddmm_csr(dy, x, torch.zeros(21, dtype=torch.int64, device=device),
                          torch.empty(0, dtype=torch.int64, device=device))
     assert empty.shape == (0,)
+
+
+def _edge_mask(N, K, density, gen):
+    """A random mask with empty rows, rows whose entries all lie in one 512 x 512 CUDA
+    tile, and entries on both sides of every tile edge and at the last row/column."""
+    mask = torch.rand(N, K, generator=gen) < density
+    mask[:70] = False                    # leading empty rows
+    mask[N // 2] = False                 # an empty row in the middle
+    one_tile = torch.zeros(K, dtype=torch.bool)
+    one_tile[512:min(K, 1024)] = torch.rand(min(K, 1024) - 512, generator=gen) < 0.2
+    mask[min(N - 1, 520)] = one_tile     # all entries in column tile 1
+    mask[75] = False
+    mask[75, 3:9] = True                 # all entries in column tile 0, a few adjacent columns
+    for e in range(511, N + 1, 512):     # tile edges: rows e, e + 1 x columns around every edge
+        for c in range(511, K + 1, 512):
+            for r in (e, e + 1):
+                if r < N:
+                    mask[r, c - 1:c + 2] = True
+    mask[N - 1, K - 1] = True
+    return mask
+
+
+# (tokens, N, K): N, K above the 512-row / -column tile of the CUDA kernel; N % 8,
+# K % 8 == 0 takes the 16-byte staging path for every dtype on CUDA, the others the
+# element path for some; 2001 tokens: token splits whose last slice is shorter.
+EDGE_SHAPES = [(37, 1100, 1200), (19, 1032, 520), (2001, 600, 530)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", EDGE_SHAPES)
+def test_sddmm_csr_tile_edges_and_empty_rows(device, dtype, M, N, K):
+    gen = torch.Generator().manual_seed(1000 + N)
+    dy, x = _rand((M, N), dtype, device, gen), _rand((M, K), dtype, device, gen)
+    mask = _edge_mask(N, K, 0.004, gen)
+    crow, col = sp.mask_to_csr(mask)
+    assert (crow.diff() == 0).any() and col.numel() > 0
+    want = ref.sddmm_csr(dy.double().cpu(), x.double().cpu(), crow, col)
+    poison_cuda_allocator(device)
+    out = sp.sddmm_csr(dy, x, crow.to(device), col.to(device))
+    tol_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    assert torch.isfinite(out).all(), "sddmm_csr left entries unwritten"
+    assert_close(out, want, tol_dtype, "sddmm_csr tile edges", factor=10 if device == "cuda" else 1)
+    # Every entry on its own, not only the norm: a misplaced entry is a large error.
+    torch.testing.assert_close(out.double().cpu(), want, rtol=0, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.1])
+def test_sddmm_csr_random_densities(device, dtype, density):
+    """Duplicate-free random patterns; at 10% the first CUDA tile holds ~26000 entries,
+    seven slices of 4096; at 0.1% most tiles are empty."""
+    gen = torch.Generator().manual_seed(int(density * 1e4))
+    M, N, K = 53, 1300, 1100
+    dy, x = _rand((M, N), dtype, device, gen), _rand((M, K), dtype, device, gen)
+    crow, col = sp.mask_to_csr(torch.rand(N, K, generator=gen) < density)
+    want = ref.sddmm_csr(dy.double().cpu(), x.double().cpu(), crow, col)
+    poison_cuda_allocator(device)
+    out = sp.sddmm_csr(dy, x, crow.to(device), col.to(device))
+    tol_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    assert torch.isfinite(out).all()
+    assert_close(out, want, tol_dtype, f"sddmm_csr density {density}", factor=10 if device == "cuda" else 1)
+    # Same pattern, columns of every row in reverse: the same values, entry for entry.
+    rev = torch.cat([col[crow[i]:crow[i + 1]].flip(0) for i in range(N)])
+    out_rev = sp.sddmm_csr(dy, x, crow.to(device), rev.to(device))
+    order = torch.cat([torch.arange(crow[i + 1] - 1, crow[i] - 1, -1) for i in range(N)])
+    torch.testing.assert_close(out_rev.cpu(), out.cpu()[order], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,3 +272,20 @@ def test_cuda_out_of_range_block_gives_nan_not_a_crash():
     dy, x = torch.randn(8, 40, device="cuda"), torch.randn(8, 36, device="cuda")
     out = sp.sddmm_block(dy, x, torch.tensor([[0, 0], [5, 0]], device="cuda"), 16)
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_out_of_range_csr_column_gives_nan_not_a_crash():
+    if not lrk.has_cuda_kernels():
+        pytest.skip("lrk built without CUDA")
+    gen = torch.Generator().manual_seed(7)
+    dy, x = _rand((9, 600), torch.float32, "cuda", gen), _rand((9, 700), torch.float32, "cuda", gen)
+    crow, col = sp.mask_to_csr(torch.rand(600, 700, generator=gen) < 0.01)
+    bad = col.clone()
+    bad[3], bad[-1] = 700, -2
+    out = sp.sddmm_csr(dy, x, crow.cuda(), bad.cuda()).cpu()
+    want = ref.sddmm_csr(dy.double().cpu(), x.double().cpu(), crow, col)
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[3] = keep[-1] = False
+    assert torch.isnan(out[~keep]).all()
+    assert_close(out[keep], want[keep], torch.float32, "valid entries", factor=10)

@@ -20,12 +20,12 @@
 // blocks use them. Split partials go to a float32 workspace and are summed in a
 // fixed order (deterministic, no atomics).
 //
-// Unstructured mask (sddmm_csr): one CTA per (32-row x 128-column tile of the
-// [N, K] grid, slice of tokens). The CTA collects the CSR entries that fall in its
-// tile (ordered compaction, so any column order within a row is fine), stages the
-// tile's dy and x panels through shared memory one slice of tokens at a time, and
-// each thread accumulates up to 8 entries in registers (more entries: more passes).
-// Tiles without entries exit at once.
+// Unstructured mask (sddmm_csr): a per-call pass buckets the CSR entries by
+// 512 x 512 tile of the [N, K] grid; one CTA per (non-empty tile or slice of at most
+// 4096 of its entries, slice of tokens) stages the tile's dy and x panels once per
+// token stage, token-contiguous in the inputs' dtype, and each thread accumulates up
+// to 16 entries in registers. Empty tiles launch nothing; the token split counts
+// work items only. The arithmetic behind the tile size is at sddmm_csr_kernel.
 //
 // Bad coordinates never cause out-of-bounds accesses: a block outside the grid gets
 // NaN; a CSR entry whose column is out of range, or that no row covers, stays NaN.
@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "common/async_copy.cuh"
@@ -308,16 +309,76 @@ void launch_reduce(const AccT* ws, OutT* out, int64_t n, int splits, cudaStream_
 
 // ----------------------------------------------------------------------------- unstructured (CSR) SDDMM
 
-constexpr int kCsrThreads = 256;
-constexpr int kCsrRows = 32;      // tile rows (features of grad_y)
-constexpr int kCsrCols = 128;     // tile columns (features of x)
-constexpr int kCsrSlots = 8;      // entries per thread and pass
-constexpr int kCsrCap = kCsrThreads * kCsrSlots;
+// Work items: the [N, K] grid is cut into kCsrTile x kCsrTile tiles; a per-call
+// pass (csr_bucket_kernel, twice: count, then scatter) buckets the CSR entries by
+// tile, so every column index is read twice there and each entry once by the SDDMM
+// kernel. A work item is one non-empty tile, or a slice of at most kCsrCap of its
+// entries; empty tiles get no item and no CTA. The CTA of an item stages the
+// tile's dy and x panels once per token stage and computes all of its entries
+// from shared memory, so each panel is read once per item.
+//
+// Arithmetic, not measured (N = K = 16384, M = 4096, bf16, H200: 4.3 TB/s,
+// ~750 TFLOP/s bf16 tensor cores, 132 SMs at ~1.98 GHz, 128 B/clk of shared
+// memory per SM). The dense product dy^T @ x is 2.2e12 flop = 2.9 ms.
+// SDDMM flops are 2 M nnz = 2.2e9 / 2.2e10 / 2.2e11 at 0.1% / 1% / 10%.
+//   Before (32 x 128 tiles, one CTA per tile): every tile is non-empty, each stages
+//   M (32 + 128) bf16 = 1.3 MB of panels: 86 GB per call at every density (20 ms
+//   if it came from DRAM); each tile rescans its 32 rows' column indices, 128
+//   times per index: 0.27 / 2.7 / 27 GB; fp32 operands from shared memory
+//   (8 B per FMA) cap the FMAs at 0.26 / 2.6 / 26 ms.
+//   Now (512 x 512 items, <= 4096 entries): 1024 items of 262 / 2621 / 26214
+//   entries (1 / 1 / 7 slices); panels M (512 + 512) bf16 = 8.4 MB per slice:
+//   8.6 / 8.6 / 60 GB from L2 (2.0 / 2.0 / 14 ms if all came from DRAM; the CTAs
+//   in flight walk the same tokens, so DRAM sees about x once per wave of ~8
+//   row tiles plus dy once: ~0.7 GB); indices ~40 B per entry: 0.01 / 0.1 /
+//   1.1 GB; token-contiguous operands in the input dtype (4 B per FMA from
+//   shared memory) cap the FMAs at 0.13 / 1.3 / 13 ms.
+//   Tensor cores on the non-empty 16 x 16 tiles instead (sddmm_block's path): a
+//   random pattern leaves 23% / 92% / 100% of them non-empty, 0.66 / 2.7 / 2.9 ms
+//   of MMAs, and each stages M x 32 bf16 (262 KB): 62 / 254 / 275 GB. No gain on
+//   random patterns; it pays only for clustered ones, which block masks serve.
+// So: about 1.5-2 ms at 0.1% and 1% against 2.9 ms dense, and at 10% the dense
+// product on tensor cores stays faster (SIMT FMAs on 10% of the products cost
+// more than tensor cores on all of them). The bucketing costs one host
+// synchronisation per call (the grid has one CTA per work item).
 
-template <typename AccT>
-struct CsrCfg {
-  static constexpr int MC = sizeof(AccT) == 8 ? 16 : 32;  // tokens per stage (smem budget)
-};
+constexpr int kCsrThreads = 256;
+constexpr int kCsrTile = 512;   // rows (features of grad_y) = columns (features of x) of a tile
+constexpr int kCsrSlots = 16;   // entries per thread
+constexpr int kCsrCap = kCsrThreads * kCsrSlots;  // entries per work item
+constexpr int kCsrRowBytes = 32;  // one staged panel row: 32 bytes of consecutive tokens
+constexpr int kCsrPitchBytes = kCsrRowBytes + 8;  // padding: the stores of a warp hit distinct banks
+
+// Count (kScatter false: counts[tile] += 1 per entry) or scatter (kScatter true:
+// entry j goes to a free position of its tile's range [ent_end[t] - n_t,
+// ent_end[t]), counting counts[t] back down to 0) the valid entries; one warp per
+// row. Entries whose column is out of range are skipped (their output stays NaN).
+// crow is clamped to [0, nnz] and non-decreasing, so no entry has two rows.
+template <bool kScatter>
+__global__ void __launch_bounds__(256)
+    csr_bucket_kernel(const int64_t* __restrict__ crow, const int64_t* __restrict__ col, int64_t N, int64_t K,
+                      int64_t n_col_tiles, int* __restrict__ counts, const int64_t* __restrict__ ent_end,
+                      int64_t* __restrict__ ent_j, int* __restrict__ ent_rc) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t n = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; n < N; n += warps) {
+    const int64_t beg = crow[n], end = crow[n + 1];
+    const int64_t rt = n / kCsrTile;
+    const int lr = static_cast<int>(n % kCsrTile);
+    for (int64_t j = beg + lane; j < end; j += 32) {
+      const int64_t c = col[j];
+      if (c < 0 || c >= K) continue;
+      const int64_t t = rt * n_col_tiles + c / kCsrTile;
+      if constexpr (kScatter) {
+        const int64_t pos = ent_end[t] - atomicSub(&counts[t], 1);
+        ent_j[pos] = j;
+        ent_rc[pos] = lr * kCsrTile + static_cast<int>(c % kCsrTile);
+      } else {
+        atomicAdd(&counts[t], 1);
+      }
+    }
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ float to_acc(T v, float) {
@@ -325,125 +386,102 @@ __device__ __forceinline__ float to_acc(T v, float) {
 }
 __device__ __forceinline__ double to_acc(double v, double) { return v; }
 
-// Writes this CTA's entries of split blockIdx.y into out[split * nnz + j]; out is
-// pre-filled with NaN by the host, so entries nobody owns stay NaN.
-template <typename T, typename AccT>
-__global__ void __launch_bounds__(kCsrThreads)
-    sddmm_csr_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int64_t* __restrict__ crow,
-                     const int64_t* __restrict__ col, AccT* __restrict__ out, int64_t M, int64_t N, int64_t K,
+// One CTA per (work item, slice of tokens); items[w] = (tile, first entry), the
+// item's entries are ent_*[first, min(first + kCsrCap, ent_end[tile])). Writes
+// out[split * nnz + j] for its entries j; the host pre-fills out with NaN.
+// Shared memory holds both panels transposed, token-contiguous: row r < kCsrTile
+// is dy[m0 .. m0 + MC, n0 + r], row kCsrTile + c is x[m0 .. m0 + MC, c0 + c], so a
+// thread reads 8 bytes of consecutive tokens of its entry's row and column per
+// load and its dot product runs over the tokens in order (deterministic).
+// kVec: N and K multiples of 16 / sizeof(T) and 16-byte aligned bases (one
+// 16-byte load per staged chunk).
+template <typename T, typename AccT, bool kVec>
+__global__ void __launch_bounds__(kCsrThreads, 2)
+    sddmm_csr_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int64_t* __restrict__ items,
+                     const int64_t* __restrict__ ent_end, const int64_t* __restrict__ ent_j,
+                     const int* __restrict__ ent_rc, AccT* __restrict__ out, int64_t M, int64_t N, int64_t K,
                      int64_t nnz, int64_t n_col_tiles, int64_t m_chunk) {
-  constexpr int MC = CsrCfg<AccT>::MC;
-  LRK_SHARED(alignof(int64_t), int64_t, rp, [kCsrRows + 1]);
-  LRK_SHARED(alignof(int64_t), int64_t, list_j, [kCsrCap]);
-  LRK_SHARED(alignof(uint16_t), uint16_t, list_rc, [kCsrCap]);
-  LRK_SHARED(alignof(int), int, warp_counts, [kCsrThreads / 32]);
-  LRK_SHARED(alignof(int64_t), int64_t, s_total, );
-  LRK_SHARED(alignof(AccT), AccT, dys, [MC][kCsrRows]);
-  LRK_SHARED(alignof(AccT), AccT, xs, [MC][kCsrCols]);
+  constexpr int MC = kCsrRowBytes / sizeof(T);   // tokens per stage
+  constexpr int P = kCsrPitchBytes / sizeof(T);  // row pitch, elements
+  constexpr int V = 16 / sizeof(T);              // elements per staged chunk (8 consecutive features for bf16)
+  constexpr int E8 = 8 / sizeof(T);              // elements per 8-byte shared-memory load
+  static_assert(MC % E8 == 0, "whole 8-byte loads per row");
+  LRK_SHARED(16, T, panel, [2 * kCsrTile * P]);
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t tile = blockIdx.x;
-  const int64_t n0 = (tile / n_col_tiles) * kCsrRows, c0 = (tile % n_col_tiles) * kCsrCols;
+  const int tid = threadIdx.x;
+  const int64_t w = blockIdx.x;
+  const int64_t tile = items[2 * w], first = items[2 * w + 1];
+  const int64_t last = ent_end[tile];
+  const int count = static_cast<int>(last - first < kCsrCap ? last - first : kCsrCap);
+  const int64_t n0 = (tile / n_col_tiles) * kCsrTile, c0 = (tile % n_col_tiles) * kCsrTile;
+  const int nr = static_cast<int>(N - n0 < kCsrTile ? N - n0 : kCsrTile);
+  const int nc = static_cast<int>(K - c0 < kCsrTile ? K - c0 : kCsrTile);
   const int64_t mbeg = int64_t(blockIdx.y) * m_chunk;
   const int64_t mend = mbeg + m_chunk < M ? mbeg + m_chunk : M;
-  AccT* dst = out + int64_t(blockIdx.y) * nnz;
 
-  // Row pointers of the tile's rows, clamped into [0, nnz] and made monotone, so
-  // that a malformed crow_indices can only leave entries unwritten.
-  if (tid <= kCsrRows) {
-    const int64_t row = n0 + tid < N ? n0 + tid : N;
-    const int64_t v = crow[row];
-    rp[tid] = v < 0 ? 0 : (v > nnz ? nnz : v);
+  int rc[kCsrSlots];
+  AccT acc[kCsrSlots];
+#pragma unroll
+  for (int i = 0; i < kCsrSlots; ++i) {
+    const int e = tid + i * kCsrThreads;
+    rc[i] = e < count ? ent_rc[first + e] : -1;
+    acc[i] = AccT(0);
   }
-  __syncthreads();
-  if (tid == 0) {
-    for (int r = 1; r <= kCsrRows; ++r) rp[r] = rp[r] > rp[r - 1] ? rp[r] : rp[r - 1];
-  }
-  __syncthreads();
-  const int64_t beg = rp[0], end = rp[kCsrRows];
 
-  for (int64_t pass = 0;; ++pass) {
-    // Ordered compaction of the entries whose column falls in this tile: entry e of
-    // the pass is the (pass * kCsrCap + e)-th such entry in index order.
-    if (tid == 0) s_total = 0;
+  // Staging: a unit is V consecutive features of one token (a 16-byte chunk of a
+  // dy or x row); consecutive threads take consecutive tokens of the same chunk
+  // column, so the transposed stores of a warp fill whole panel rows.
+  const int gdy = (nr + V - 1) / V, gx = (nc + V - 1) / V;
+  const int units = (gdy + gx) * MC;
+  for (int64_t m0 = mbeg; m0 < mend; m0 += MC) {
+    for (int u = tid; u < units; u += kCsrThreads) {
+      const int mm = u % MC;
+      int g = u / MC;
+      const bool is_x = g >= gdy;
+      if (is_x) g -= gdy;
+      const T* src = is_x ? x : dy;
+      const int64_t ld = is_x ? K : N;
+      const int lim = is_x ? nc : nr;
+      const int64_t gc = (is_x ? c0 : n0) + int64_t(g) * V;
+      const int64_t gm = m0 + mm;
+      T v[V];
+      if constexpr (kVec) {  // lim is a multiple of V: the chunk is inside the matrix
+        const uint4 q = gm < mend ? *reinterpret_cast<const uint4*>(src + gm * ld + gc) : make_uint4(0, 0, 0, 0);
+        memcpy(v, &q, sizeof(q));
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = (gm < mend && g * V + i < lim) ? src[gm * ld + gc + i] : T{};
+      }
+      T* dst = panel + ((is_x ? kCsrTile : 0) + g * V) * P + mm;
+#pragma unroll
+      for (int i = 0; i < V; ++i) dst[i * P] = v[i];
+    }
     __syncthreads();
-    for (int64_t base = beg; base < end; base += kCsrThreads) {
-      const int64_t j = base + tid;
-      bool pred = false;
-      int lr = 0, lc = 0;
-      if (j < end) {
-        const int64_t c = col[j];
-        if (c >= c0 && c < c0 + kCsrCols && c < K) {
-          pred = true;
-          lc = static_cast<int>(c - c0);
-          int lo = 0, hi = kCsrRows - 1;  // the last row r with rp[r] <= j
-          while (lo < hi) {
-            const int mid = (lo + hi + 1) / 2;
-            if (rp[mid] <= j) lo = mid; else hi = mid - 1;
-          }
-          lr = lo;
-        }
-      }
-      const unsigned ballot = __ballot_sync(0xffffffffu, pred);
-      if (lane == 0) warp_counts[warp] = __popc(ballot);
-      __syncthreads();
-      int64_t rank = s_total + __popc(ballot & ((1u << lane) - 1u));
-      for (int w = 0; w < warp; ++w) rank += warp_counts[w];
-      const int64_t slot = rank - pass * kCsrCap;
-      if (pred && slot >= 0 && slot < kCsrCap) {
-        list_j[slot] = j;
-        list_rc[slot] = static_cast<uint16_t>(lr * kCsrCols + lc);
-      }
-      __syncthreads();
-      if (tid == 0) {
-        int64_t s = 0;
-        for (int w = 0; w < kCsrThreads / 32; ++w) s += warp_counts[w];
-        s_total += s;
-      }
-      __syncthreads();
-    }
-    const int64_t total = s_total;
-    const int64_t count = total - pass * kCsrCap < kCsrCap ? total - pass * kCsrCap : kCsrCap;
-    if (count <= 0) return;  // uniform: every thread read the same s_total
-
-    int sr[kCsrSlots], sc[kCsrSlots];
-    AccT acc[kCsrSlots];
 #pragma unroll
     for (int i = 0; i < kCsrSlots; ++i) {
-      const int e = tid + i * kCsrThreads;
-      const int rc = e < count ? list_rc[e] : 0;
-      sr[i] = rc / kCsrCols;
-      sc[i] = rc % kCsrCols;
-      acc[i] = AccT(0);
-    }
-    for (int64_t m0 = mbeg; m0 < mend; m0 += MC) {
-      for (int e = tid; e < MC * kCsrRows; e += kCsrThreads) {
-        const int mm = e / kCsrRows, r = e % kCsrRows;
-        const int64_t gm = m0 + mm;
-        dys[mm][r] = (gm < mend && n0 + r < N) ? to_acc(dy[gm * N + n0 + r], AccT(0)) : AccT(0);
-      }
-      for (int e = tid; e < MC * kCsrCols; e += kCsrThreads) {
-        const int mm = e / kCsrCols, c = e % kCsrCols;
-        const int64_t gm = m0 + mm;
-        xs[mm][c] = (gm < mend && c0 + c < K) ? to_acc(x[gm * K + c0 + c], AccT(0)) : AccT(0);
-      }
-      __syncthreads();
+      if (rc[i] >= 0) {
+        const T* a = panel + (rc[i] / kCsrTile) * P;
+        const T* b = panel + (kCsrTile + rc[i] % kCsrTile) * P;
+        AccT s = acc[i];
 #pragma unroll
-      for (int i = 0; i < kCsrSlots; ++i) {
-        if (tid + i * kCsrThreads < count) {
-#pragma unroll 8
-          for (int mm = 0; mm < MC; ++mm) acc[i] = fma(dys[mm][sr[i]], xs[mm][sc[i]], acc[i]);
+        for (int q = 0; q < MC; q += E8) {
+          const uint2 ua = *reinterpret_cast<const uint2*>(a + q);
+          const uint2 ub = *reinterpret_cast<const uint2*>(b + q);
+          T ta[E8], tb[E8];
+          memcpy(ta, &ua, sizeof(ua));
+          memcpy(tb, &ub, sizeof(ub));
+#pragma unroll
+          for (int k = 0; k < E8; ++k) s = fma(to_acc(ta[k], AccT(0)), to_acc(tb[k], AccT(0)), s);
         }
+        acc[i] = s;
       }
-      __syncthreads();
     }
+    __syncthreads();
+  }
+  AccT* dst = out + int64_t(blockIdx.y) * nnz;
 #pragma unroll
-    for (int i = 0; i < kCsrSlots; ++i) {
-      const int e = tid + i * kCsrThreads;
-      if (e < count) dst[list_j[e]] = acc[i];
-    }
-    if ((pass + 1) * kCsrCap >= total) return;
-    __syncthreads();  // the list is rebuilt by the next pass
+  for (int i = 0; i < kCsrSlots; ++i) {
+    if (rc[i] >= 0) dst[ent_j[first + tid + i * kCsrThreads]] = acc[i];
   }
 }
 
@@ -579,30 +617,71 @@ at::Tensor sddmm_csr_cuda(const at::Tensor& grad_y, const at::Tensor& x, const a
   if (d.M == 0) return at::zeros({nnz}, out_opts);
   const at::Tensor dy = grad_y.reshape({d.M, d.N}).contiguous();
   const at::Tensor xx = x.reshape({d.M, d.K}).contiguous();
-  const at::Tensor crow = crow_indices.to(at::kLong).contiguous();
+  // Row pointers clamped into [0, nnz] and made non-decreasing: a malformed
+  // crow_indices can only leave entries unwritten (NaN), never give one two rows.
+  const at::Tensor crow = std::get<0>(at::cummax(crow_indices.to(at::kLong).clamp(0, nnz), 0)).contiguous();
   const at::Tensor col = col_indices.to(at::kLong).contiguous();
-  const int64_t n_row_tiles = cuda::ceil_div(std::max<int64_t>(d.N, 1), kCsrRows);
-  const int64_t n_col_tiles = cuda::ceil_div(std::max<int64_t>(d.K, 1), kCsrCols);
-  const int64_t tiles = n_row_tiles * n_col_tiles;
-  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "grad_y, x: too many 32 x 128 tiles (", tiles,
+  const int64_t n_col_tiles = cuda::ceil_div(std::max<int64_t>(d.K, 1), kCsrTile);
+  const int64_t tiles = cuda::ceil_div(std::max<int64_t>(d.N, 1), kCsrTile) * n_col_tiles;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto long_opts = crow.options();
+
+  // Bucket the entries by tile: count, then scatter into per-tile ranges.
+  at::Tensor counts = at::zeros({tiles}, long_opts.dtype(at::kInt));
+  const unsigned bucket_ctas =
+      static_cast<unsigned>(std::clamp<int64_t>(cuda::ceil_div(d.N, 8), 1, 32LL * cuda::sm_count()));
+  cuda::launch(csr_bucket_kernel<false>, bucket_ctas, 256, 0, stream, crow.const_data_ptr<int64_t>(),
+                                                            col.const_data_ptr<int64_t>(), d.N, d.K, n_col_tiles,
+                                                            counts.mutable_data_ptr<int>(), nullptr, nullptr, nullptr);
+  const at::Tensor n_ent = counts.to(at::kLong);
+  const at::Tensor ent_end = n_ent.cumsum(0);
+  const at::Tensor slices = n_ent.add(kCsrCap - 1).div(kCsrCap, "floor");  // work items per tile
+  const at::Tensor item_end = slices.cumsum(0);
+  // The one host synchronisation: the grid has exactly one CTA per work item.
+  const int64_t n_items = item_end[-1].item<int64_t>();
+  TORCH_CHECK(n_items <= std::numeric_limits<int32_t>::max(), "col_indices: too many work items (", n_items,
               ") for one launch");
+
   int splits = 1;
-  const int64_t step = acc == at::kDouble ? CsrCfg<double>::MC : CsrCfg<float>::MC;
+  const int64_t step = kCsrRowBytes / static_cast<int64_t>(grad_y.element_size());
   const int64_t chunk =
-      token_chunk(d.M, tiles, step, nnz * static_cast<int64_t>(at::elementSize(acc)), &splits);
+      token_chunk(d.M, n_items, step, nnz * static_cast<int64_t>(at::elementSize(acc)), &splits);
   const bool direct = splits == 1 && d.out_dtype == acc;
-  // Entries that no tile owns (malformed pattern) keep this NaN.
+  // Entries that no item owns (malformed pattern) keep this NaN.
   at::Tensor buf = direct ? at::full({nnz}, NAN, out_opts)
                           : at::full({splits, nnz}, NAN, grad_y.options().dtype(acc));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  if (n_items == 0) return direct ? buf : buf[0].to(d.out_dtype);
+
+  at::Tensor ent_j = at::empty({nnz}, long_opts);
+  at::Tensor ent_rc = at::empty({nnz}, long_opts.dtype(at::kInt));
+  cuda::launch(csr_bucket_kernel<true>, bucket_ctas, 256, 0, stream,
+      crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), d.N, d.K, n_col_tiles,
+      counts.mutable_data_ptr<int>(), ent_end.const_data_ptr<int64_t>(), ent_j.mutable_data_ptr<int64_t>(),
+      ent_rc.mutable_data_ptr<int>());
+  // items[w] = (tile, first entry): tile t owns items [item_end[t] - slices[t], item_end[t]).
+  const at::Tensor item_tile = at::repeat_interleave(at::arange(tiles, long_opts), slices, 0, n_items);
+  const at::Tensor within = at::arange(n_items, long_opts) - (item_end - slices).index_select(0, item_tile);
+  const at::Tensor first = (ent_end - n_ent).index_select(0, item_tile) + within * kCsrCap;
+  const at::Tensor items = at::stack({item_tile, first}, 1).contiguous();
+
+  const dim3 grid(static_cast<unsigned>(n_items), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(), "sddmm_csr_cuda", [&] {
     using T = cuda::native_t<scalar_t>;
     using AccT = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cuda::launch(sddmm_csr_kernel<T, AccT>, grid, kCsrThreads, 0, stream,
-        reinterpret_cast<const T*>(dy.const_data_ptr()), reinterpret_cast<const T*>(xx.const_data_ptr()),
-        crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), buf.mutable_data_ptr<AccT>(), d.M, d.N, d.K,
-        nnz, n_col_tiles, chunk);
+    constexpr int64_t V = 16 / sizeof(T);
+    const bool vec = d.N % V == 0 && d.K % V == 0 && cuda::aligned16(dy.const_data_ptr()) &&
+                     cuda::aligned16(xx.const_data_ptr());
+    auto go = [&](auto kernel) {
+      cuda::launch(kernel, grid, kCsrThreads, 0, stream,
+          reinterpret_cast<const T*>(dy.const_data_ptr()), reinterpret_cast<const T*>(xx.const_data_ptr()),
+          items.const_data_ptr<int64_t>(), ent_end.const_data_ptr<int64_t>(), ent_j.const_data_ptr<int64_t>(),
+          ent_rc.const_data_ptr<int>(), buf.mutable_data_ptr<AccT>(), d.M, d.N, d.K, nnz, n_col_tiles, chunk);
+    };
+    if (vec) {
+      go(sddmm_csr_kernel<T, AccT, true>);
+    } else {
+      go(sddmm_csr_kernel<T, AccT, false>);
+    }
     if (!direct) {
       at::Tensor out = at::empty({nnz}, out_opts);
       if (d.out_dtype == acc) {

@@ -84,6 +84,18 @@ T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
 template <typename T>
+T atomicSub(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_sub(value);
+}
+template <typename T>
+T atomicOr(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_or(value);
+}
+template <typename T>
+T atomicAnd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_and(value);
+}
+template <typename T>
 T atomicMax(T* address, T value) {
   std::atomic_ref<T> a(*address);
   T old = a.load();

@@ -4,7 +4,8 @@
 
 Build variables (environment):
     LRK_BUILD_CUDA      AUTO (default) | ON | OFF
-    LRK_CUDA_ARCH_LIST  default "8.0;9.0a"; e.g. "9.0a" or "8.0;8.6+PTX;9.0a"
+    LRK_CUDA_ARCH_LIST  default "8.0+PTX;9.0a" (sm_80 and sm_90a machine code, compute_80
+                        PTX that newer GPUs JIT); e.g. "9.0a" or "8.0+PTX;9.0a;10.0a;12.0"
     CUTLASS_DIR         CUTLASS checkout (else the nvidia-cutlass wheel's headers)
     MAX_JOBS            parallel compile jobs (default: all cores)
     LRK_BUILD_TYPE      Release (default) | RelWithDebInfo | Debug

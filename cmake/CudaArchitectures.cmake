@@ -1,6 +1,15 @@
 # Turns a PyTorch-style arch list ("8.0;9.0a", "8.0+PTX") into CMake's
 # CUDA_ARCHITECTURES form ("80-real;90a-real", "80"), and tells which entries
 # are Hopper-only targets ("9.0a") for the sm90/ sources.
+
+# Default targets: sm_80 machine code plus compute_80 PTX for the portable
+# kernels, so that GPUs newer than the list (sm_100 B200, sm_120 RTX 50) JIT the
+# PTX at first load instead of failing with "no kernel image"; sm_90a machine
+# code for Hopper (the sm90/ sources build for 9.0a alone: 9.0a code runs on no
+# other GPU, and they are never dispatched elsewhere). Add "10.0a" or "12.0" for
+# machine code on those GPUs (no JIT at load time).
+set(LRK_DEFAULT_CUDA_ARCH_LIST "8.0+PTX;9.0a")
+
 function(lrk_parse_arch_list input out_all out_sm90a)
   string(REPLACE " " ";" _list "${input}")
   set(_all "")

@@ -56,6 +56,11 @@ grep -E "registers|spill|Compiling entry|error" "$OUT/build.log" | grep -v "^--"
 if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 
 export PYTHONPATH=$ROOT/python:$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+# What the library was built for: the arch list and, read back with cuobjdump,
+# the machine code and PTX it carries.
+$PY -c "import lrk; i = lrk.build_info(); print('archs', ';'.join(i['cuda_arch_list']), '| sass', i['sass'], '| ptx', i['ptx'], '| nvcc', i['nvcc'])" \
+  > "$OUT/build_info.txt" 2>&1 || true
+log "library: $(tail -1 "$OUT/build_info.txt")"
 # The Hopper LoRA kernels first, alone and under a short limit: a kernel that
 # hangs or fails there must not take the whole lease, so the rest of the run
 # then goes on with the portable path (LRK_SM90=0) and says so. The Hopper path
@@ -111,6 +116,7 @@ fi
 # At most a few files come back: one summary to read, one archive with the rest.
 {
   cat "$OUT/env.txt"
+  echo; echo "== library"; tail -3 "$OUT/build_info.txt"
   echo; echo "== Hopper smoke"; tail -8 "$OUT/hopper_smoke.txt"
   echo; echo "== tests"; tail -25 "$OUT/tests.txt"
   [ -f "$OUT/skipped_benchmarks.txt" ] && { echo; cat "$OUT/skipped_benchmarks.txt"; }

@@ -1,10 +1,51 @@
 import os
+import random
+import zlib
 
 import pytest
 import torch
 
 import lrk
 import lrk.emulated as emulated
+
+
+def _base_seed() -> int:
+    """The run's base seed: LRK_TEST_SEED (an integer, or "random" for a fresh one),
+    0 by default, so that runs are reproducible; printed in the pytest header."""
+    value = os.environ.get("LRK_TEST_SEED", "0").strip()
+    if value.lower() == "random":
+        return random.SystemRandom().randrange(2**31)
+    try:
+        return int(value, 0) % 2**31
+    except ValueError:
+        raise pytest.UsageError(f"LRK_TEST_SEED: expected an integer or 'random', got {value!r}") from None
+
+
+BASE_SEED = _base_seed()
+
+
+def pytest_report_header(config):
+    return f"lrk: LRK_TEST_SEED={BASE_SEED} (set LRK_TEST_SEED to replay a run's inputs)"
+
+
+def seed_of_test(nodeid: str) -> int:
+    """The seed of one test: the base seed mixed with a stable hash of its id (crc32:
+    Python's str hash differs between processes)."""
+    return (BASE_SEED ^ zlib.crc32(nodeid.encode())) % 2**31
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generators(request):
+    """Seeds torch's global generators per test, so that inputs drawn from them (and
+    the generator seeds the helpers derive with torch.randint) are the same in every
+    run with the same LRK_TEST_SEED, whatever the order or selection of tests."""
+    torch.manual_seed(seed_of_test(request.node.nodeid))
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call" and call.excinfo is not None:
+        item.add_report_section("call", "seed", f"LRK_TEST_SEED={BASE_SEED}, test seed {seed_of_test(item.nodeid)}")
 
 
 def _cuda_ready() -> bool:

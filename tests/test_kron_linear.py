@@ -282,6 +282,25 @@ def test_fused_cuda_grad_x_only(lead, k, m1, n1, m2, n2, with_base, monkeypatch)
     assert_close(x.grad, leaf[0].grad, torch.bfloat16, "grad x (fused, transposed factors)")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_fused_cuda_shared_memory_sizes_in_any_order(monkeypatch):
+    """The fused kernel's shared-memory allowance and occupancy are set up once per
+    (device, dtype, size): a large size (past the 48 KiB default), a small one, the
+    large one again and one in between, each against the float64 reference."""
+    if not lrk.has_cuda_kernels():
+        pytest.skip("lrk built without CUDA")
+    monkeypatch.delenv("LRK_KRON_FUSED", raising=False)
+    for dtype in (torch.float16, torch.bfloat16):
+        for lead, k, m1, n1, m2, n2 in [((37,), 4, 64, 64, 64, 64), ((3,), 1, 16, 16, 16, 16),
+                                        ((37,), 4, 64, 64, 64, 64), ((1000,), 5, 64, 32, 32, 64)]:
+            x, u, v, s, w, b = kron_inputs(lead, k, m1, n1, m2, n2, dtype, "cuda")
+            with torch.no_grad():
+                y = lrk.kron_ops.kron_linear(x, u, v, s, w, b, 0.6)
+            leaf = [t.detach().double() for t in (x, u, v, s, w, b)]
+            assert_close(y, ref.kron_linear(*leaf, 0.6), dtype, f"y (fused) {m1}x{n1} (x) {m2}x{n2}, k={k}")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

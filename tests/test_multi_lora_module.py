@@ -292,6 +292,69 @@ def test_torch_compile_fullgraph(device):
             torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_host_ids_inside_graph_capture_raise_a_clear_error(monkeypatch):
+    """A host -> device copy of the ids is not allowed in CUDA-graph capture (and a
+    replay would not see new ids): prepare says to pass device ids instead of
+    failing inside the copy. Capture is simulated here; the CUDA test captures."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for ids in ([0, 1, -1], torch.tensor([0, 1, -1])):
+        with pytest.raises(RuntimeError, match="adapter_ids: host ids .* CUDA graph .* device tensor"):
+            MultiLoRABatch.prepare(ids, torch.device("cuda"), 2)
+        with pytest.raises(RuntimeError, match="adapter_ids: host ids"):
+            MultiLoRABatch.prepare(ids, "cuda:0", 2)
+    # CPU layers and device ids are not concerned.
+    assert MultiLoRABatch.prepare([0, 1, -1], torch.device("cpu"), 2).adapter_ids.tolist() == [0, 1, -1]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_of_a_layer_with_device_and_host_ids():
+    """Capture of layer(x, adapter_ids=<device tensor>) replays with the ids and x
+    written before each replay, as eager computes them; host ids inside capture
+    raise the clear error and leave the stream usable."""
+    if not (torch.cuda.is_available() and lrk.has_cuda_kernels()):
+        pytest.skip("needs a CUDA GPU and lrk built with CUDA")
+    g = torch.Generator().manual_seed(6)
+    K, N, tokens = 32, 24, 12
+    layer = MultiLoRALinear(_base(K, N, torch.bfloat16, "cuda", g), max_adapters=3, r_max=8)
+    adapters = {}
+    for name, r in (("a", 8), ("b", 3)):
+        adapters[name] = _adapter(r, K, N, torch.bfloat16, "cuda", g)
+        layer.load_adapter(name, *adapters[name], scale=0.5)
+    x = torch.zeros(tokens, K, dtype=torch.bfloat16, device="cuda")
+    ids = torch.full((tokens,), -1, dtype=torch.int32, device="cuda")
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x, adapter_ids=ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_static = layer(x, adapter_ids=ids)
+        for _ in range(3):
+            x.copy_(torch.randn(tokens, K, generator=g).to(torch.bfloat16))
+            host_ids = torch.randint(-1, 2, (tokens,), generator=g)
+            ids.copy_(host_ids.to(torch.int32))
+            graph.replay()
+            y_eager = layer(x, adapter_ids=host_ids.tolist())
+            assert_close(y_static, y_eager.double(), torch.bfloat16, "replay vs eager")
+            w, bias = layer.base.weight.double().cpu(), layer.base.bias.double().cpu()
+            rows = []
+            for x_i, j in zip(x.double().cpu(), host_ids.tolist()):
+                a, b = adapters["ab"[j]] if j >= 0 else (None, None)
+                rows.append(lora_linear(x_i[None], w, bias, None if a is None else a.double().cpu(),
+                                        None if b is None else b.double().cpu(), 0.5 if j >= 0 else 0.0)[0])
+            assert_close(y_static, torch.stack(rows), torch.bfloat16, "replay vs reference")
+
+        bad = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="adapter_ids: host ids .* device tensor"):
+            with torch.cuda.graph(bad):
+                layer(x, adapter_ids=[0] * tokens)
+        assert not torch.cuda.is_current_stream_capturing()
+        assert_close(layer(x, adapter_ids=host_ids.tolist()), y_eager.double(), torch.bfloat16, "eager after")
+
+
 @pytest.mark.cuda
 def test_cuda_graph_of_a_model():
     if not (torch.cuda.is_available() and lrk.has_cuda_kernels()):

@@ -14,7 +14,10 @@
 #include <mma.h>
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string_view>
+#include <utility>
 
 #include "common/async_copy.cuh"
 #include "common/cuda_utils.cuh"
@@ -215,6 +218,31 @@ bool shapes_fit(const KronDims& d) {
   return (d.m1 / 16) * (d.m2 / 16) <= kMaxFrags && (d.n1 / 16) * (d.m2 / 16) <= kMaxFrags;
 }
 
+// Blocks per SM of kron_fused_fwd_kernel<T> with smem bytes of dynamic shared
+// memory on device, after allowing that much. cudaFuncSetAttribute and the
+// occupancy query are driver calls that depend only on (device, kernel, smem), so
+// they run once per such configuration, not per forward. The allowance only ever
+// grows per (device, kernel): a launch with less shared memory than an earlier one
+// stays within it (setting it down again would make a cached larger size fail).
+template <typename T>
+int fused_blocks_per_sm(int device, int64_t smem) {
+  static std::mutex mutex;
+  static std::map<int, int64_t> allowed;                    // device -> attribute value set
+  static std::map<std::pair<int, int64_t>, int> occupancy;  // (device, smem) -> blocks per SM
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto hit = occupancy.find({device, smem});
+  if (hit != occupancy.end()) return hit->second;
+  auto kernel = kron_fused_fwd_kernel<T>;
+  int64_t& limit = allowed[device];
+  if (smem > limit) {
+    cuda::set_max_dynamic_shared_memory(kernel, static_cast<size_t>(smem));
+    limit = smem;
+  }
+  const int per_sm = cuda::max_active_blocks_per_sm(kernel, kThreads, static_cast<size_t>(smem));
+  occupancy.emplace(std::make_pair(device, smem), per_sm);
+  return per_sm;
+}
+
 }  // namespace
 
 bool kron_fused_supported(const at::Tensor& x2, const KronDims& d) {
@@ -238,8 +266,7 @@ void kron_fused_forward_cuda(const at::Tensor& x2, const at::Tensor& u, const at
   cuda::with_half_type(x2.scalar_type(), "kron_linear fused", [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_fused_fwd_kernel<T>;
-    cuda::set_max_dynamic_shared_memory(kernel, static_cast<size_t>(L.total));
-    const int per_sm = cuda::max_active_blocks_per_sm(kernel, kThreads, static_cast<size_t>(L.total));
+    const int per_sm = fused_blocks_per_sm<T>(x2.get_device(), L.total);
     const int64_t blocks = std::min<int64_t>(d.M, int64_t(std::max(per_sm, 1)) * cuda::sm_count());
     cuda::launch(kernel, static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(L.total), stream,
         reinterpret_cast<const T*>(x2.const_data_ptr()), reinterpret_cast<const T*>(u.const_data_ptr()),

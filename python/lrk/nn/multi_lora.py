@@ -14,7 +14,8 @@ one per token, or one per sequence for ``x`` of shape ``[batch, seq, in]``
 (computed as sorted segments, the layout of prefill). Ids given as lists or CPU
 tensors are validated on the host and copied; device tensors are used as they are
 (nothing is read back, so the forward can be captured in a CUDA graph; ids out
-of range then act as -1, see ``lrk.multi_lora_ops``).
+of range then act as -1, see ``lrk.multi_lora_ops``). Inside capture only device
+ids are accepted: host ids raise an error (see ``MultiLoRABatch.prepare``).
 
 ``apply_multi_lora(model, target_modules, max_adapters, r_max)`` wraps every
 matching linear layer and returns a ``MultiLoRAManager`` that loads PEFT adapters
@@ -146,6 +147,12 @@ def _peft_module_names(state: Mapping[str, Tensor]) -> set:
 # ----------------------------------------------------------------------------- batch description
 
 
+def _capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of a CUDA device."""
+    return (torch.device(device).type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())
+
+
 @dataclass
 class MultiLoRABatch:
     """The adapters of one batch, on the device: slot ids per token, or per sequence
@@ -157,9 +164,21 @@ class MultiLoRABatch:
     def prepare(ids: IdsLike, device, num_adapters: int, per_sequence: bool = False,
                 loaded: Optional[Sequence[bool]] = None) -> "MultiLoRABatch":
         """Validates host ids (range, and that each slot holds an adapter when
-        ``loaded`` is given) and moves them to ``device``; device tensors are taken as they are."""
+        ``loaded`` is given) and moves them to ``device``; device tensors are taken as they are.
+
+        Inside CUDA-graph capture only device tensors are accepted: the copy of host
+        ids is not allowed there (a pageable source), and a copy from a persistent
+        pinned buffer would be captured as a read of that buffer, so each replay would
+        use whatever ids the buffer holds at replay time rather than those given (and
+        validated) here. Capture with a device tensor of ids and update it in place
+        before each replay."""
         if isinstance(ids, Tensor) and ids.device.type != "cpu":
             return MultiLoRABatch(ids, per_sequence)
+        if _capturing(device):
+            raise RuntimeError(
+                "adapter_ids: host ids (a list or CPU tensor) cannot be used while a CUDA graph is being "
+                "captured: pass the ids as a device tensor (e.g. torch.tensor(ids, device='cuda')) and "
+                "update it in place between replays")
         t = torch.as_tensor(ids, dtype=torch.int64) if not isinstance(ids, Tensor) else ids
         if t.dim() != 1:
             raise ValueError(f"adapter_ids: expected a 1-D list of slot ids, got shape {tuple(t.shape)}")

@@ -5,7 +5,7 @@ import torch
 
 import lrk
 from lrk import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs,
                      poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
@@ -117,7 +117,7 @@ def test_gradcheck(device, p):
     assert torch.autograd.gradcheck(fn, (x, b, m))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     x, w, b, a, bb = lora_inputs((2, 9), 24, 16, 4, dtype, device)
@@ -134,7 +134,7 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.lrk.dora_weight_norm.default, (w, a, bb, 0.5, None))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     x, w, b, a, bb = lora_inputs((5, 7), 24, 16, 4, torch.float32, device)
@@ -153,7 +153,7 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(gc, ge)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_dynamic_shapes(device):
     """One compiled graph with a symbolic batch serves several input shapes."""
     torch._dynamo.reset()

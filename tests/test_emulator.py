@@ -76,7 +76,7 @@ def test_orders_differ_and_launches_are_counted():
     after = emulated.counters()
     assert after["launches"] == before["launches"] + 1
     assert after["blocks"] == before["blocks"] + 1
-    assert after["switches"] > before["switches"] + N  # every thread suspended at the barrier at least once
+    assert after["switches"] >= before["switches"] + N - 1  # all but the last to arrive wait at the barrier
 
 
 def test_bad_schedule_is_named():

@@ -8,7 +8,7 @@ import torch
 import lrk
 import lrk.galore_ops as go
 import lrk.reference_galore as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close, poison_cuda_allocator, rel_err
 
 SHAPES = [(1, 1), (7, 3), (5, 12), (33, 20), (24, 24), (17, 65)]
@@ -341,7 +341,7 @@ def test_step_with_given_low_rank_grad(device):
 # ----------------------------------------------------------------------------- opcheck, compile
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_opcheck(device):
     g = low_rank_plus_noise(12, 30, 4, dtype=torch.float32, device=device)
     # One side per projector op (the side only changes shapes); both for the step.
@@ -375,7 +375,7 @@ def test_opcheck(device):
                            None, 0, False, 1, 0.01, 0.9, 0.999, 1e-6, 0.0, 1.0, True, None, False, None))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
 

@@ -8,7 +8,7 @@ import torch
 import lrk
 import lrk.kron_ops  # noqa: F401  (registers fakes and autograd)
 from lrk import reference_kron as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close, poison_cuda_allocator, reference_leaves
 
 # (leading dims of x, terms k, m1, n1, m2, n2): empty batch, m1 = 1, n1 = m2 = 1,
@@ -163,7 +163,7 @@ def test_gradcheck_without_sigma_and_base(device):
     assert torch.autograd.gradcheck(fn, (x, u, v))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     x, u, v, s, w, b = kron_inputs((2, 5), 3, 2, 4, 3, 2, dtype, device)
@@ -176,7 +176,7 @@ def test_opcheck(device, dtype):
         torch.library.opcheck(torch.ops.lrk.kron_linear_bwd.default, (gy, xd, ud, vd, sig, wt, 1.5, mask))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     x, u, v, s, w, b = kron_inputs((5, 7), 4, 3, 4, 2, 6, torch.float32, device)

@@ -11,7 +11,7 @@ import lrk.nn.kron
 from lrk import reference_kron as ref
 from lrk.kron_ops import kron_dense
 from lrk.nn.kron import KronLinear
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close
 
 
@@ -344,7 +344,7 @@ def test_fp32_adapter_on_bf16_base_and_autocast():
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     layer = KronLinear(_base(dtype=torch.float32, device=device), terms=3, scale=0.5)

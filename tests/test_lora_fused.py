@@ -5,7 +5,7 @@ import torch
 
 import lrk
 from lrk import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs as _inputs,
                      poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
@@ -134,7 +134,7 @@ def test_gradient_through_h(device):
     assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     x, w, b, a, bb = _inputs((2, 9), 24, 16, 4, dtype, device)
@@ -148,7 +148,7 @@ def test_opcheck(device, dtype):
                                   (gy, x.detach(), w, a.detach(), bb.detach(), h.detach(), 1.5, p, 9, need_x))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     x, w, b, a, bb = _inputs((5, 7), 24, 16, 4, torch.float32, device)
@@ -166,7 +166,7 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(gc, ge)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_dynamic_shapes(device):
     """One compiled graph with a symbolic batch serves several input shapes."""
     torch._dynamo.reset()
@@ -269,7 +269,7 @@ def test_device_mix():
         lrk.lora_fused(**args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_compile_with_seed_drawn_in_the_graph(device):
     """The seed is a SymInt: a compiled training step may draw it from torch's RNG
     (capture_scalar_outputs) without a graph break or a recompile per seed."""

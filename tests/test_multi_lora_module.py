@@ -13,7 +13,7 @@ import lrk
 import lrk.multi_lora_ops  # noqa: F401  (registers the fakes)
 from lrk.nn.multi_lora import MultiLoRABatch, MultiLoRALinear, apply_multi_lora, read_peft_adapter
 from lrk.reference_multi_lora import lora_linear
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close
 
 
@@ -274,7 +274,7 @@ def test_manager_strict_about_unwrapped_modules(tmp_path):
 # ----------------------------------------------------------------------------- compile and graphs
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(4)

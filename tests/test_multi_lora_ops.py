@@ -10,7 +10,7 @@ import torch
 import lrk
 import lrk.multi_lora_ops as mlo
 from lrk import reference_multi_lora as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close, poison_cuda_allocator
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -277,7 +277,7 @@ def test_non_finite_values_stay_in_their_tokens(device, dtype, K, r_max, poison,
     assert (~torch.isfinite(own.float())).any(dim=-1).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     g = _gen()
@@ -297,7 +297,7 @@ def test_opcheck(device, dtype):
                           (y.clone(), h, lora_b, ranks, scales, offsets, adapters, None))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     g = _gen()

@@ -10,7 +10,7 @@ import lrk
 import lrk.sparse_ops as sp
 from lrk import reference_sparse as ref
 from lrk.nn.sara import SaRALinear, apply_delta, apply_sara, attach_sara, merge_sara
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close
 
 
@@ -213,7 +213,7 @@ def test_nuclear_norm_and_subgradient(block_size):
 # ----------------------------------------------------------------------------- op checks
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_opcheck_and_compile(device):
     layer = SaRALinear(_linear(40, 36, torch.float32, device), fraction=0.2)
     blk = SaRALinear(_linear(40, 36, torch.float32, device), fraction=0.2, block_size=16)

@@ -10,7 +10,7 @@ import lrk
 import lrk.sparse_ops as sp
 from lrk import reference_sparse as ref
 from lrk.nn.snell import SNELLLinear, apply_snell, merge_snell
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close, reference_leaves
 
 KERNELS = [("linear", {}), ("piecewise_linear", dict(head_coeffs=[0.1, -0.1])),
@@ -128,7 +128,7 @@ def test_layer_export_and_merge():
     torch.testing.assert_close(F.linear(x, layer.weight + d.to_dense(), layer.bias), layer(x))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_opcheck_and_compile(device):
     x, w, b, a, bb = _inputs((2, 5), 24, 20, 4, torch.float32, device, seed=3)
     for p in (_params("piecewise_linear", dict(head_coeffs=[0.1, -0.1]), 0.8, 0), _params("rbf", {}, 0.5, 16)):

@@ -13,7 +13,7 @@ import lrk.sparse_ops as sp
 from lrk import reference_sparse as ref
 from lrk.nn.snell import SNELLLinear, apply_snell, merge_snell
 from lrk.nn.snell_budget import SNELLImportance, snell_budget_schedule
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close, reference_leaves
 
 # (kernel, kernel_params): linear [scale], piecewise_linear [c_h], rbf [scale, gamma]
@@ -146,7 +146,7 @@ def test_training_with_learnable_scalars_and_budget_reduces_loss():
     torch.testing.assert_close(F.mse_loss(merged(x), target).item(), F.mse_loss(model(x), target).item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_opcheck_and_compile(device):
     for kernel, kp, bs in (("piecewise_linear", [0.1, -0.1], 0), ("rbf", [0.5, 1.0], 16), ("linear", [0.3], 0)):
         x, w, b, a, bb, k = _inputs((2, 5), 24, 20, 4, torch.float32, device, kp, seed=3)

@@ -9,7 +9,7 @@ import torch
 import lrk
 import lrk.sparse_ops as sp
 from lrk import reference_sparse as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 from helpers import assert_close, poison_cuda_allocator
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -191,7 +191,7 @@ def test_sddmm_csr_random_densities(device, dtype, density):
     torch.testing.assert_close(out_rev.cpu(), out.cpu()[order], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     gen = _gen()
@@ -203,7 +203,7 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.lrk.sddmm_csr.default, (dy, x, crow.to(device), col.to(device)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     gen = _gen()

@@ -7,7 +7,7 @@ import torch
 import lrk
 import lrk.sparse_ops as sp
 from lrk import reference_sparse as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_NO_EMU
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -98,7 +98,7 @@ def test_topk_block_indices_sorted(device):
     assert sp.topk_block_indices(scores, 2, largest=False).tolist() == [[0, 0], [1, 1]]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     x = torch.randn(40, 37, device=device, dtype=dtype)
@@ -109,7 +109,7 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.lrk.block_scores.default, (x, 32, "count_below", 0.3))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     x = torch.randn(30, 20, device=device)

@@ -18,7 +18,9 @@
 #include <cstddef>
 #include <utility>
 
-#ifdef LRK_EMULATED
+#ifndef LRK_EMULATED
+#include <c10/cuda/CUDAFunctions.h>
+#else
 #include <ATen/cuda/CUDAContext.h>
 
 #include "emu/emu_runtime.h"
@@ -33,6 +35,15 @@ inline bool on_kernel_device(const at::Tensor& t) {
   return t.is_cpu();
 #else
   return t.is_cuda();
+#endif
+}
+
+// The device the kernels run on (the current CUDA device; the CPU when emulated).
+inline at::Device kernel_device() {
+#ifdef LRK_EMULATED
+  return at::Device(at::kCPU);
+#else
+  return at::Device(at::kCUDA, c10::cuda::current_device());
 #endif
 }
 

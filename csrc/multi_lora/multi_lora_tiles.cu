@@ -272,7 +272,7 @@ void launch_shrink_tiles(const ShrinkLaunch& p, at::ScalarType dtype) {
                       grid_dim(cuda::ceil_div(p.K, chunk), 65535, "K splits"), grid_dim(gz, 65535, "slices x rank tiles"));
       // This pack's slices of h: [num_slices, M, r_max] float32, contiguous.
       const at::Tensor h = at::from_blob(p.h, {int64_t(p.num_slices) * p.M * p.index.r_max},
-                                         at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
+                                         at::TensorOptions().dtype(at::kFloat).device(cuda::kernel_device()));
       cuda::with_bool(vec, [&](auto v) {
         reduce_splits_into(h, grid.y, [&](float* dst, int64_t split_stride) {
           cuda::launch(shrink_tiles_kernel<T, BR, decltype(v)::value>, grid, kThreads, 0, stream,

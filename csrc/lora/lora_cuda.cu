@@ -67,13 +67,29 @@ struct ConcatColumns {
   int64_t k2;
 };
 
+// Whether B's rows serve as the factor as they are: unscaled, nothing appended, a pitch TMA accepts.
+bool factor_as_is(const LoraDims& d, double scale, bool has_bias) {
+  return !has_bias && scale == 1.0 && tma_pitch(d.r) == d.r;
+}
+
+// Whether the Hopper GEMM takes these operands, from what exists before
+// concat_columns: the operands it would allocate are left to the check's
+// nullptr form (fresh, contiguous, pitch a multiple of 8), so that nothing is
+// allocated or copied on a call that then takes the portable path.
+bool concat_columns_supported(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w, const at::Tensor& b,
+                              double scale, bool has_bias, const at::Tensor& y) {
+  return sm90::concat_k_gemm_supported(x2, w, nullptr, d.r + (has_bias ? 1 : 0),
+                                       factor_as_is(d, scale, has_bias) ? &b : nullptr,
+                                       sm90::FactorLayout::kOutputsByReduction, y);
+}
+
 ConcatColumns concat_columns(const LoraDims& d, const at::Tensor& x2, const at::Tensor& b, double scale,
                              const std::optional<at::Tensor>& bias_column) {
   const bool has_bias = bias_column.has_value() && bias_column->defined();
   const int64_t k2 = d.r + (has_bias ? 1 : 0);
   const int64_t pitch = tma_pitch(k2);
-  at::Tensor factor = b;  // B's rows serve as they are when unscaled, nothing is appended and the pitch suits TMA
-  if (has_bias || pitch != d.r || scale != 1.0) {
+  at::Tensor factor = b;
+  if (!factor_as_is(d, scale, has_bias)) {
     // Columns past k2 are padding that TMA never reads (it zero-fills past the extent).
     factor = at::empty({d.N, pitch}, b.options());
     at::Tensor factor_b = factor.narrow(1, 0, d.r);
@@ -103,11 +119,10 @@ at::Tensor pack_low_rank(const LoraDims& d, const at::Tensor& h32, ConcatColumns
 bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w,
                     const std::optional<at::Tensor>& bias, const at::Tensor& b, const at::Tensor& h32,
                     double scale, at::Tensor& y, at::Tensor& h) {
+  if (!concat_columns_supported(d, x2, w, b, scale, bias.has_value() && bias->defined(), y)) return false;
   ConcatColumns cols = concat_columns(d, x2, b, scale, bias);
-  const auto layout = sm90::FactorLayout::kOutputsByReduction;
-  if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y)) return false;
   h = pack_low_rank(d, h32, cols);
-  sm90::concat_k_gemm(x2, w, cols.packed, cols.k2, cols.factor, layout, y);
+  sm90::concat_k_gemm(x2, w, cols.packed, cols.k2, cols.factor, sm90::FactorLayout::kOutputsByReduction, y);
   return true;
 }
 
@@ -115,13 +130,15 @@ bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w
 // dh is [M, r]; when its pitch does not suit TMA, a padded copy is made from dh32.
 bool grad_x_hopper(const LoraDims& d, const at::Tensor& dy, const at::Tensor& w, const at::Tensor& a,
                    const at::Tensor& dh32, const at::Tensor& dh, at::Tensor& gx) {
-  at::Tensor dh_rows = dh;
-  if (tma_pitch(d.r) != d.r) {
-    dh_rows = at::empty({d.M, tma_pitch(d.r)}, dh.options());
-  }
+  const bool padded = tma_pitch(d.r) != d.r;
   const auto layout = sm90::FactorLayout::kReductionByOutputs;
-  if (!sm90::concat_k_gemm_supported(dy, w, dh_rows, d.r, a, layout, gx)) return false;
-  if (!dh_rows.is_same(dh)) pack_rows_cuda(dh32, false, dh_rows, nullptr);
+  // Checked before the padded copy is allocated (the check's nullptr form).
+  if (!sm90::concat_k_gemm_supported(dy, w, padded ? nullptr : &dh, d.r, &a, layout, gx)) return false;
+  at::Tensor dh_rows = dh;
+  if (padded) {
+    dh_rows = at::empty({d.M, tma_pitch(d.r)}, dh.options());
+    pack_rows_cuda(dh32, false, dh_rows, nullptr);
+  }
   sm90::concat_k_gemm(dy, w, dh_rows, d.r, a, layout, gx);
   return true;
 }
@@ -235,10 +252,10 @@ bool dora_forward_hopper(const LoraDims& d, const at::Tensor& x, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
   const at::Tensor w = weight.contiguous();
-  ConcatColumns cols = concat_columns(d, x2, lora_b.contiguous(), scale, std::nullopt);  // bias: in the epilogue
+  const at::Tensor b = lora_b.contiguous();
   at::Tensor y2 = at::empty({d.M, d.N}, x.options());
-  const auto layout = sm90::FactorLayout::kOutputsByReduction;
-  if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y2)) return false;
+  if (!concat_columns_supported(d, x2, w, b, scale, false, y2)) return false;
+  ConcatColumns cols = concat_columns(d, x2, b, scale, std::nullopt);  // bias: in the epilogue
   const at::Tensor h2 = pack_low_rank(d, shrink_fp32(d, x2, lora_a.contiguous(), dropout_p, seed), cols);
   at::Tensor yu2 = at::empty({d.M, d.N}, x.options());
   sm90::concat_k_gemm_dora(x2, w, cols.packed, cols.k2, cols.factor, g.contiguous(), bias, y2, yu2);

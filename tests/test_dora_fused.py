@@ -113,6 +113,35 @@ def test_weight_norm_without_dense_sum(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_weight_norm_keeps_the_cross_term_in_float32(device, dtype, grad):
+    """B steers W's rows nearly to 0 (W = -s B A + a 5% residual): ||W_n||^2 and the
+    quadratic term cancel the cross term 2 s B_n . (A W^T)[:, n] to 1/400 of their
+    size, so A W^T rounded to bf16 (or fp16) would put the norm off by tens of
+    percent. With grad, autograd records the op (on CUDA: the upcast path, the
+    float32-output product having no derivative)."""
+    g = torch.Generator().manual_seed(1234)
+    N, K, r, s = 64, 96, 4, 2.0
+    a = (torch.randn(r, K, generator=g, dtype=torch.float64) / K ** 0.5).to(dtype)
+    bb = torch.randn(N, r, generator=g, dtype=torch.float64).to(dtype)
+    sba = s * (bb.double() @ a.double())
+    e = torch.randn(N, K, generator=g, dtype=torch.float64)
+    w = (-sba + e * (0.05 * sba.norm(dim=1, keepdim=True) / e.norm(dim=1, keepdim=True))).to(dtype)
+    leaf = reference_leaves(w, a, bb)
+    expected = ref.dora_weight_norm(*leaf, s)
+    assert (w.double().norm(dim=1) > 10 * expected).all()  # the cancellation the test is about
+    w, a, bb = (t.to(device).requires_grad_(grad) for t in (w, a, bb))
+    norm = lrk.dora_weight_norm(w, a, bb, s)
+    assert norm.dtype == torch.float32
+    assert_close(norm, expected, dtype, "norm")
+    if grad:  # differentiable (values not compared: each term's gradient reaches a bf16 leaf rounded, then cancels)
+        norm.backward(torch.randn(N, generator=g).to(device))
+        for t in (w, a, bb):
+            assert t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_magnitude_in_float32_with_bf16_weights(device):
     x, w, b, a, bb = lora_inputs((9,), 40, 24, 4, torch.bfloat16, device)
     m = _magnitude(w, torch.float32, device)

@@ -119,6 +119,9 @@ fi
   echo; echo "== library"; tail -3 "$OUT/build_info.txt"
   echo; echo "== Hopper smoke"; tail -8 "$OUT/hopper_smoke.txt"
   echo; echo "== tests"; tail -25 "$OUT/tests.txt"
+  # The fp16 near-overflow tests (h or s*h past 65504 on each kernel path): their count and any failure.
+  echo; echo "== fp16 near-overflow tests: $(grep -o 'name="test_fp16_near_overflow[^"]*"' "$OUT/tests.xml" 2>/dev/null | wc -l) in the run, failed:"
+  grep -E "^(FAILED|ERROR) .*near_overflow" "$OUT/tests_full.txt" || echo "none"
   [ -f "$OUT/skipped_benchmarks.txt" ] && { echo; cat "$OUT/skipped_benchmarks.txt"; }
   for f in "$OUT"/bench_*.txt; do
     [ -f "$f" ] || continue

@@ -161,3 +161,42 @@ def hopper_and_portable_cases(test):
     for mark in reversed(marks):
         test = mark(test)
     return test
+
+
+def near_overflow_cases(test):
+    """Parametrises a CUDA test over the LoRA kernel path (as hopper_and_portable_cases),
+    bias, and B zero (LoRA's initialisation) or small, for fp16_near_overflow_inputs."""
+    from conftest import CUDA_SKIP
+
+    marks = [
+        CUDA_SKIP,
+        pytest.mark.cuda,
+        pytest.mark.parametrize("path", ["hopper", "portable"], ids=["path_sm90", "path_portable"]),
+        pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"]),
+        pytest.mark.parametrize("b_init", ["zero", "small"]),
+    ]
+    for mark in reversed(marks):
+        test = mark(test)
+    return test
+
+
+def fp16_near_overflow_inputs(bias: bool, b_init: str, device):
+    """fp16 LoRA inputs (r = 16, alpha = 32: scale 2; K and N suit the Hopper path)
+    where token 5 has h = x @ A^T = 40000 in every rank: in fp16's range, but
+    2 * h is not. Returns x, W, bias, A, B, scale."""
+    g = torch.Generator().manual_seed(4000)
+    M, K, N, r, scale = 130, 64, 72, 16, 2.0
+
+    def rnd(*shape, std=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * std
+
+    x = rnd(M, K)
+    x[5] = 0.0
+    x[5, 0] = 1000.0
+    a = rnd(r, K, std=1 / math.sqrt(K))
+    a[:, 0] = 40.0
+    w = rnd(N, K, std=1 / math.sqrt(K))
+    bb = torch.zeros(N, r, dtype=torch.float64) if b_init == "zero" else rnd(N, r, std=1e-3)
+    b = rnd(N) if bias else None
+    x, w, b, a, bb = (t.to(torch.float16).to(device) if t is not None else None for t in (x, w, b, a, bb))
+    return x, w, b, a, bb, scale

@@ -6,8 +6,8 @@ import torch
 import lrk
 from lrk import reference as ref
 from conftest import DEVICES, DEVICES_NO_EMU
-from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs,
-                     poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
+from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, fp16_near_overflow_inputs, hopper_and_portable_cases, lora_inputs,
+                     near_overflow_cases, poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
 SHAPES = [
     ((0,), 40, 24, 3),
@@ -40,6 +40,25 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
     use_kernel_path(monkeypatch, path)  # Hopper: g and the bias in the GEMM's epilogue
     check_dora_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
+
+
+@near_overflow_cases
+def test_fp16_near_overflow_h_on_both_paths(monkeypatch, path, bias, b_init):
+    """h = 40000 with scale 2 (fp16): the Hopper forward once packed s*h in fp16
+    (inf, then NaN); y, y_unscaled and h (rounded, unscaled) match the reference."""
+    use_kernel_path(monkeypatch, path)
+    x, w, b, a, bb, scale = fp16_near_overflow_inputs(bias, b_init, "cuda")
+    g = torch.Generator().manual_seed(4001)
+    m = torch.linalg.vector_norm(w.double(), dim=1).cpu() * (0.5 + torch.rand(w.shape[0], generator=g, dtype=torch.float64))
+    m = m.to(torch.float16).cuda()
+    poison_cuda_allocator("cuda")
+    y, h, y_unscaled, norm = torch.ops.lrk.dora_fused_fwd(x, w, b, a, bb, m, scale, 0.0, 0, None)
+    leaf = reference_leaves(x, w, b, a, bb, m)
+    assert torch.isfinite(y).all() and torch.isfinite(y_unscaled).all() and torch.isfinite(h).all()
+    assert_close(h, leaf[0] @ leaf[3].t(), torch.float16, "h")
+    assert_close(y_unscaled, ref.lora_fused(leaf[0], leaf[1], None, leaf[3], leaf[4], scale), torch.float16,
+                 "y_unscaled")
+    assert_close(y, ref.dora_fused(*leaf, scale), torch.float16, "y")
 
 
 def check_dora_against_reference(device, dtype, lead, K, N, r, p, bias=True):
@@ -91,6 +110,35 @@ def test_weight_norm_without_dense_sum(device, dtype):
     assert_close(norm, expected, dtype, "norm")
     cached = torch.linalg.vector_norm(w.detach().to(norm.dtype), dim=1).square()
     assert_close(lrk.dora_weight_norm(w, a, bb, 0.9, cached), expected, dtype, "norm, cached ||W||^2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_weight_norm_keeps_the_cross_term_in_float32(device, dtype, grad):
+    """B steers W's rows nearly to 0 (W = -s B A + a 5% residual): ||W_n||^2 and the
+    quadratic term cancel the cross term 2 s B_n . (A W^T)[:, n] to 1/400 of their
+    size, so A W^T rounded to bf16 (or fp16) would put the norm off by tens of
+    percent. With grad, autograd records the op (on CUDA: the upcast path, the
+    float32-output product having no derivative)."""
+    g = torch.Generator().manual_seed(1234)
+    N, K, r, s = 64, 96, 4, 2.0
+    a = (torch.randn(r, K, generator=g, dtype=torch.float64) / K ** 0.5).to(dtype)
+    bb = torch.randn(N, r, generator=g, dtype=torch.float64).to(dtype)
+    sba = s * (bb.double() @ a.double())
+    e = torch.randn(N, K, generator=g, dtype=torch.float64)
+    w = (-sba + e * (0.05 * sba.norm(dim=1, keepdim=True) / e.norm(dim=1, keepdim=True))).to(dtype)
+    leaf = reference_leaves(w, a, bb)
+    expected = ref.dora_weight_norm(*leaf, s)
+    assert (w.double().norm(dim=1) > 10 * expected).all()  # the cancellation the test is about
+    w, a, bb = (t.to(device).requires_grad_(grad) for t in (w, a, bb))
+    norm = lrk.dora_weight_norm(w, a, bb, s)
+    assert norm.dtype == torch.float32
+    assert_close(norm, expected, dtype, "norm")
+    if grad:  # differentiable (values not compared: each term's gradient reaches a bf16 leaf rounded, then cancels)
+        norm.backward(torch.randn(N, generator=g).to(device))
+        for t in (w, a, bb):
+            assert t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

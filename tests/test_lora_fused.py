@@ -6,8 +6,8 @@ import torch
 import lrk
 from lrk import reference as ref
 from conftest import DEVICES, DEVICES_NO_EMU
-from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, hopper_and_portable_cases, lora_inputs as _inputs,
-                     poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
+from helpers import (assert_close, assert_compiled_grads_match_eager, check_gradients_of_exactly_the_needed, fp16_near_overflow_inputs, hopper_and_portable_cases, lora_inputs as _inputs,
+                     near_overflow_cases, poison_cuda_allocator, reference_leaves, saved_activation_shapes, use_kernel_path)
 
 # (leading dims of x, K, N, r): M = 0, 1, 7, 513; K and N not multiples of 8;
 # ranks 1, 3, 64, 128; aligned shapes too (the CUDA kernels' vector path); ranks
@@ -72,6 +72,21 @@ def test_forward_backward_match_reference(device, dtype, lead, K, N, r, p):
 def test_hopper_and_portable_paths_match_reference(monkeypatch, path, dtype, lead, K, N, r, bias, p):
     use_kernel_path(monkeypatch, path)
     check_against_reference("cuda", dtype, lead, K, N, r, p, bias=bias)
+
+
+@near_overflow_cases
+def test_fp16_near_overflow_h_on_both_paths(monkeypatch, path, bias, b_init):
+    """h = 40000 with scale 2: the Hopper path once packed s*h in fp16 (inf, and
+    inf * B's zero columns = NaN); every path keeps it in range, as the portable
+    one does, and returns h itself (rounded, unscaled) for the backward."""
+    use_kernel_path(monkeypatch, path)
+    x, w, b, a, bb, scale = fp16_near_overflow_inputs(bias, b_init, "cuda")
+    poison_cuda_allocator("cuda")
+    y, h = torch.ops.lrk.lora_fused_fwd(x, w, b, a, bb, scale, 0.0, 0)
+    leaf = reference_leaves(x, w, b, a, bb)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    assert_close(h, leaf[0] @ leaf[3].t(), torch.float16, "h")
+    assert_close(y, ref.lora_fused(*leaf, scale), torch.float16, "y")
 
 
 @pytest.mark.parametrize("device", DEVICES)

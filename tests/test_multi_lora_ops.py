@@ -162,6 +162,42 @@ def test_segments_match_reference(device, dtype, M, K, N, n, r_max, num_segments
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale,h_size", [(8.0, 8200.0), (0.25, 1.0e5)], ids=["scale8", "scale_quarter"])
+def test_fp16_near_overflow_h_on_every_expand_path(device, scale, h_size):
+    """fp16 with 8200 <= |h| / h_size <= 2 and s_j = scale: s_j * h (scale 8) or h
+    itself (scale 1/4) is past fp16's 65504 while y is not. The reference and the
+    row kernels keep h in fp32; the tile kernels stage it in fp16, so they must
+    stage whichever of h and s_j * h is smaller and apply the rest in fp32. The
+    same y from the three CUDA paths: 2 segments of 64 tokens (tiles: M >= 16 per
+    segment), the same with 7 empty segments appended (9 * 16 > M: one token per
+    block), and per-token ids."""
+    g = torch.Generator().manual_seed(8200)
+    M, N, n, r = 128, 72, 2, 16
+    ranks = torch.tensor([r, r])
+    scales = torch.full((n,), scale)
+    lora_b = [(torch.randn(n, N, r, generator=g, dtype=torch.float64) * 2e-3).to(torch.float16)]
+    sign = torch.randint(0, 2, (1, M, r), generator=g) * 2 - 1
+    h = (sign * h_size * (1 + torch.rand(1, M, r, generator=g, dtype=torch.float64))).float()
+    y0 = torch.randn(M, N, generator=g, dtype=torch.float64).to(torch.float16)
+    offsets, adapters = torch.tensor([0, 64, M]), torch.tensor([0, 1])
+    ids = ref.segments_to_adapter_ids(offsets, adapters, M)
+    y_ref = ref.multi_lora_expand(y0.double(), h.double(), clean(lora_b), ranks, scales, ids)
+    padded_offsets = torch.cat([offsets, torch.full((7,), M)])
+    padded_adapters = torch.cat([adapters, torch.zeros(7, dtype=torch.int64)])
+    h, y0, ranks, scales, lora_b = h.to(device), y0.to(device), ranks.to(device), scales.to(device), [lora_b[0].to(device)]
+    outputs = {
+        "tiles": mlo.multi_lora_expand_segments_(y0.clone(), h, lora_b, ranks, scales, offsets.to(device),
+                                                 adapters.to(device)),
+        "segment rows": mlo.multi_lora_expand_segments_(y0.clone(), h, lora_b, ranks, scales,
+                                                        padded_offsets.to(device), padded_adapters.to(device)),
+        "per token": mlo.multi_lora_expand_(y0.clone(), h, lora_b, ranks, scales, ids.to(device)),
+    }
+    for path, y in outputs.items():
+        assert torch.isfinite(y).all(), path
+        assert_close(y, y_ref, torch.float16, f"y ({path})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_index_dtypes(device, index_dtype):
     g = _gen()

@@ -46,6 +46,19 @@ at::ScalarType norm_dtype(const at::Tensor& weight) {
   return weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A @ W^T [r, N] in the norm's dtype, accumulated and kept there: rounding it to
+// bf16 (2^-8) would spoil the norm wherever the cross term nearly cancels ||W_n||^2
+// and the quadratic term (B steering W's rows towards 0). On CUDA, cuBLAS takes
+// the half-precision operands with a float32 output (one read of W, as before);
+// that product has no derivative, so when autograd records the call (the op is
+// composite), and on other devices, the operands are upcast instead.
+at::Tensor lora_a_weight_t(const at::Tensor& lora_a, const at::Tensor& weight, at::ScalarType acc) {
+  if (lora_a.scalar_type() == acc) return at::mm(lora_a, weight.t());
+  const bool recorded = at::GradMode::is_enabled() && (lora_a.requires_grad() || weight.requires_grad());
+  if (weight.is_cuda() && acc == at::kFloat && !recorded) return at::mm(lora_a, weight.t(), acc);
+  return at::mm(lora_a.to(acc), weight.t().to(acc));
+}
+
 void check_weight_sq_norm(const std::optional<at::Tensor>& wsq, const at::Tensor& weight) {
   if (!wsq.has_value() || !wsq->defined()) return;
   TORCH_CHECK(wsq->scalar_type() == norm_dtype(weight), "weight_sq_norm: expected dtype ", norm_dtype(weight),
@@ -77,7 +90,7 @@ at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_a, 
                              : at::linalg_vector_norm(weight, 2, {1}, false, acc).square();
   const at::Tensor a = lora_a.to(acc);
   const at::Tensor b = lora_b.to(acc);
-  const at::Tensor aw = at::mm(lora_a, weight.t()).to(acc);              // [r, N], one read of W
+  const at::Tensor aw = lora_a_weight_t(lora_a, weight, acc);            // [r, N]
   const at::Tensor cross = (b * aw.t()).sum(1);                          // B_n . (A W^T)[:, n]
   const at::Tensor quad = (at::mm(b, at::mm(a, a.t())) * b).sum(1);      // B_n (A A^T) B_n^T
   return (wsq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min(0.0).sqrt();

@@ -9,9 +9,11 @@
 // through ATen (exact fp32 unless the user enabled TF32).
 //
 // On Hopper (sm_90a builds, bf16/fp16) the low-rank term goes inside the base
-// GEMM instead, as extra reduction columns: y = [x | s*h | 1] @ [W | B | bias]^T
+// GEMM instead, as extra reduction columns: y = [x | h | 1] @ [W | s*B | bias]^T
 // and dx = [dy | dh] @ [W ; A] (lora/sm90/concat_k_gemm.h), so y and dx are
-// written once and never read back. These kernels have not yet run on a GPU, so
+// written once and never read back. The scale goes with B, not h: h is rounded
+// as the portable path rounds it, where s*h would overflow fp16 for
+// |h| > 65504 / s (inf, then NaN against B's zero columns). These kernels have not yet run on a GPU, so
 // they are opt-in (LRK_SM90=1) until a Hopper run validates them against the
 // reference; without it the portable path serves Hopper too.
 #include <ATen/cuda/CUDAContext.h>
@@ -58,45 +60,69 @@ bool hopper_path_wanted(const at::Tensor& x) {
 }
 
 #ifdef LRK_HAVE_SM90_KERNELS
-// The extra reduction columns of y = [x | s*h (| 1)] @ [W | B (| bias)]^T: `packed`
+// The extra reduction columns of y = [x | h (| 1)] @ [W | s*B (| bias)]^T: `packed`
 // [M, pitch] (filled later from h32) and `factor` [N, pitch], k2 of their columns read.
 struct ConcatColumns {
   at::Tensor packed, factor;
   int64_t k2;
 };
 
-ConcatColumns concat_columns(const LoraDims& d, const at::Tensor& x2, const at::Tensor& b,
+// Whether B's rows serve as the factor as they are: unscaled, nothing appended, a pitch TMA accepts.
+bool factor_as_is(const LoraDims& d, double scale, bool has_bias) {
+  return !has_bias && scale == 1.0 && tma_pitch(d.r) == d.r;
+}
+
+// Whether the Hopper GEMM takes these operands, from what exists before
+// concat_columns: the operands it would allocate are left to the check's
+// nullptr form (fresh, contiguous, pitch a multiple of 8), so that nothing is
+// allocated or copied on a call that then takes the portable path.
+bool concat_columns_supported(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w, const at::Tensor& b,
+                              double scale, bool has_bias, const at::Tensor& y) {
+  return sm90::concat_k_gemm_supported(x2, w, nullptr, d.r + (has_bias ? 1 : 0),
+                                       factor_as_is(d, scale, has_bias) ? &b : nullptr,
+                                       sm90::FactorLayout::kOutputsByReduction, y);
+}
+
+ConcatColumns concat_columns(const LoraDims& d, const at::Tensor& x2, const at::Tensor& b, double scale,
                              const std::optional<at::Tensor>& bias_column) {
   const bool has_bias = bias_column.has_value() && bias_column->defined();
   const int64_t k2 = d.r + (has_bias ? 1 : 0);
   const int64_t pitch = tma_pitch(k2);
-  at::Tensor factor = b;  // B's rows serve as they are when nothing is appended and the pitch suits TMA
-  if (has_bias || pitch != d.r) {
+  at::Tensor factor = b;
+  if (!factor_as_is(d, scale, has_bias)) {
     // Columns past k2 are padding that TMA never reads (it zero-fills past the extent).
     factor = at::empty({d.N, pitch}, b.options());
-    factor.narrow(1, 0, d.r).copy_(b);
+    at::Tensor factor_b = factor.narrow(1, 0, d.r);
+    if (scale == 1.0) {
+      factor_b.copy_(b);
+    } else {
+      at::mul_out(factor_b, b, scale);  // s*B computed in fp32, rounded once: N*r elements
+    }
     if (has_bias) factor.select(1, d.r).copy_(*bias_column);
   }
   return {at::empty({d.M, pitch}, x2.options()), factor, k2};
 }
 
-// Fills cols.packed with [s*h (| 1)] from h32 and returns h rounded, for backward.
-at::Tensor pack_low_rank(const LoraDims& d, const at::Tensor& h32, double scale, ConcatColumns& cols) {
+// Fills cols.packed with [h (| 1)] from h32 and returns h rounded, for backward.
+at::Tensor pack_low_rank(const LoraDims& d, const at::Tensor& h32, ConcatColumns& cols) {
+  if (cols.packed.size(1) == d.r) {  // no padding, no ones column: the packed rows are h itself
+    pack_rows_cuda(h32, false, cols.packed, nullptr);
+    return cols.packed;
+  }
   at::Tensor h = at::empty({d.M, d.r}, cols.packed.options());
-  pack_scaled_rows_cuda(h32, scale, cols.k2 > d.r, cols.packed, &h);
+  pack_rows_cuda(h32, cols.k2 > d.r, cols.packed, &h);
   return h;
 }
 
-// y = [x | s*h | 1] @ [W | B | bias]^T in one GEMM; also h (rounded) for backward.
+// y = [x | h | 1] @ [W | s*B | bias]^T in one GEMM; also h (rounded) for backward.
 // False (nothing written) when the operands do not suit the kernel.
 bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w,
                     const std::optional<at::Tensor>& bias, const at::Tensor& b, const at::Tensor& h32,
                     double scale, at::Tensor& y, at::Tensor& h) {
-  ConcatColumns cols = concat_columns(d, x2, b, bias);
-  const auto layout = sm90::FactorLayout::kOutputsByReduction;
-  if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y)) return false;
-  h = pack_low_rank(d, h32, scale, cols);
-  sm90::concat_k_gemm(x2, w, cols.packed, cols.k2, cols.factor, layout, y);
+  if (!concat_columns_supported(d, x2, w, b, scale, bias.has_value() && bias->defined(), y)) return false;
+  ConcatColumns cols = concat_columns(d, x2, b, scale, bias);
+  h = pack_low_rank(d, h32, cols);
+  sm90::concat_k_gemm(x2, w, cols.packed, cols.k2, cols.factor, sm90::FactorLayout::kOutputsByReduction, y);
   return true;
 }
 
@@ -104,13 +130,15 @@ bool forward_hopper(const LoraDims& d, const at::Tensor& x2, const at::Tensor& w
 // dh is [M, r]; when its pitch does not suit TMA, a padded copy is made from dh32.
 bool grad_x_hopper(const LoraDims& d, const at::Tensor& dy, const at::Tensor& w, const at::Tensor& a,
                    const at::Tensor& dh32, const at::Tensor& dh, at::Tensor& gx) {
-  at::Tensor dh_rows = dh;
-  if (tma_pitch(d.r) != d.r) {
-    dh_rows = at::empty({d.M, tma_pitch(d.r)}, dh.options());
-  }
+  const bool padded = tma_pitch(d.r) != d.r;
   const auto layout = sm90::FactorLayout::kReductionByOutputs;
-  if (!sm90::concat_k_gemm_supported(dy, w, dh_rows, d.r, a, layout, gx)) return false;
-  if (!dh_rows.is_same(dh)) pack_scaled_rows_cuda(dh32, 1.0, false, dh_rows, nullptr);
+  // Checked before the padded copy is allocated (the check's nullptr form).
+  if (!sm90::concat_k_gemm_supported(dy, w, padded ? nullptr : &dh, d.r, &a, layout, gx)) return false;
+  at::Tensor dh_rows = dh;
+  if (padded) {
+    dh_rows = at::empty({d.M, tma_pitch(d.r)}, dh.options());
+    pack_rows_cuda(dh32, false, dh_rows, nullptr);
+  }
   sm90::concat_k_gemm(dy, w, dh_rows, d.r, a, layout, gx);
   return true;
 }
@@ -224,11 +252,11 @@ bool dora_forward_hopper(const LoraDims& d, const at::Tensor& x, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();
   const at::Tensor w = weight.contiguous();
-  ConcatColumns cols = concat_columns(d, x2, lora_b.contiguous(), std::nullopt);  // bias: in the epilogue
+  const at::Tensor b = lora_b.contiguous();
   at::Tensor y2 = at::empty({d.M, d.N}, x.options());
-  const auto layout = sm90::FactorLayout::kOutputsByReduction;
-  if (!sm90::concat_k_gemm_supported(x2, w, cols.packed, cols.k2, cols.factor, layout, y2)) return false;
-  const at::Tensor h2 = pack_low_rank(d, shrink_fp32(d, x2, lora_a.contiguous(), dropout_p, seed), scale, cols);
+  if (!concat_columns_supported(d, x2, w, b, scale, false, y2)) return false;
+  ConcatColumns cols = concat_columns(d, x2, b, scale, std::nullopt);  // bias: in the epilogue
+  const at::Tensor h2 = pack_low_rank(d, shrink_fp32(d, x2, lora_a.contiguous(), dropout_p, seed), cols);
   at::Tensor yu2 = at::empty({d.M, d.N}, x.options());
   sm90::concat_k_gemm_dora(x2, w, cols.packed, cols.k2, cols.factor, g.contiguous(), bias, y2, yu2);
   y = y2.reshape(with_last_dim(x, d.N));

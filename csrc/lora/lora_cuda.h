@@ -9,7 +9,7 @@
 namespace lrk {
 
 // DoRA's forward on Hopper as one GEMM (lora/sm90/concat_k_gemm.h):
-//   y_unscaled = [x | s*h] @ [W | B]^T,  y = g[n] * y_unscaled + bias[n]   (g: float32 [N])
+//   y_unscaled = [x | h] @ [W | s*B]^T,  y = g[n] * y_unscaled + bias[n]   (g: float32 [N])
 // plus h for the backward. The inputs are the caller's, already checked (d: their
 // dims). False, with nothing written, when the device, the build or the operands do
 // not take that path (the caller then composes it).

@@ -1,4 +1,4 @@
-// pack_scaled_rows_cuda (see lora_pack.h).
+// pack_rows_cuda (see lora_pack.h).
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common/cuda_utils.cuh"
@@ -9,49 +9,46 @@ namespace lrk {
 namespace {
 
 template <typename T>
-__global__ void pack_scaled_rows_kernel(const float* __restrict__ src, int64_t rows, int cols, float scale,
-                                        bool ones_column, int pitch, T* __restrict__ packed, T* __restrict__ plain) {
+__global__ void pack_rows_kernel(const float* __restrict__ src, int64_t rows, int cols, bool ones_column, int pitch,
+                                 T* __restrict__ packed, T* __restrict__ plain) {
   const int64_t n = rows * pitch;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / pitch;
     const int j = static_cast<int>(i - m * pitch);
-    float value = 0.f;
+    T value = cuda::from_float<T>(0.f);
     if (j < cols) {
-      const float v = src[m * cols + j];
-      value = scale * v;
-      if (plain != nullptr) plain[m * cols + j] = cuda::from_float<T>(v);
+      value = cuda::from_float<T>(src[m * cols + j]);
+      if (plain != nullptr) plain[m * cols + j] = value;
     } else if (j == cols && ones_column) {
-      value = 1.f;
+      value = cuda::from_float<T>(1.f);
     }
-    packed[i] = cuda::from_float<T>(value);
+    packed[i] = value;
   }
 }
 
 }  // namespace
 
-void pack_scaled_rows_cuda(const at::Tensor& src, double scale, bool ones_column, at::Tensor& packed,
-                           at::Tensor* plain) {
+void pack_rows_cuda(const at::Tensor& src, bool ones_column, at::Tensor& packed, at::Tensor* plain) {
   TORCH_CHECK(src.scalar_type() == at::kFloat && src.dim() == 2 && src.is_contiguous(),
-              "pack_scaled_rows: src must be a contiguous 2-D float32 tensor");
+              "pack_rows: src must be a contiguous 2-D float32 tensor");
   const int64_t rows = src.size(0), cols = src.size(1);
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.size(0) == rows &&
                   packed.size(1) >= cols + (ones_column ? 1 : 0),
-              "pack_scaled_rows: packed must be contiguous [", rows, ", >= ", cols + (ones_column ? 1 : 0), "]");
+              "pack_rows: packed must be contiguous [", rows, ", >= ", cols + (ones_column ? 1 : 0), "]");
   if (plain != nullptr) {
     TORCH_CHECK(plain->is_contiguous() && plain->sizes() == src.sizes() &&
                     plain->scalar_type() == packed.scalar_type(),
-                "pack_scaled_rows: plain must be contiguous, shaped like src, typed like packed");
+                "pack_rows: plain must be contiguous, shaped like src, typed like packed");
   }
   if (packed.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(src.device());
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>(cuda::ceil_div(packed.numel(), threads), 8LL * cuda::sm_count());
-  cuda::with_half_type(packed.scalar_type(), "pack_scaled_rows: packed", [&](auto tag) {
+  cuda::with_half_type(packed.scalar_type(), "pack_rows: packed", [&](auto tag) {
     using T = decltype(tag);
-    cuda::launch(pack_scaled_rows_kernel<T>, blocks, threads, 0, at::cuda::getCurrentCUDAStream(),
-        src.data_ptr<float>(), rows, static_cast<int>(cols), static_cast<float>(scale), ones_column,
-        static_cast<int>(packed.size(1)), reinterpret_cast<T*>(packed.data_ptr()),
-        plain != nullptr ? reinterpret_cast<T*>(plain->data_ptr()) : nullptr);
+    cuda::launch(pack_rows_kernel<T>, blocks, threads, 0, at::cuda::getCurrentCUDAStream(),
+        src.data_ptr<float>(), rows, static_cast<int>(cols), ones_column, static_cast<int>(packed.size(1)),
+        reinterpret_cast<T*>(packed.data_ptr()), plain != nullptr ? reinterpret_cast<T*>(plain->data_ptr()) : nullptr);
   });
 }
 

@@ -10,10 +10,10 @@ namespace lrk {
 inline int64_t tma_pitch(int64_t cols) { return (cols + 7) / 8 * 8; }
 
 // From src [M, c] (fp32), in the dtype of `packed` [M, >= c + ones_column]:
-//   packed[m, :] = [scale * src[m, :] | 1 if ones_column | 0 ...]
+//   packed[m, :] = [src[m, :] | 1 if ones_column | 0 ...]
 //   plain[m, :]  = src[m, :]   (when plain is given: [M, c], contiguous)
-// One pass over src: the product and its rounded copy come out together.
-void pack_scaled_rows_cuda(const at::Tensor& src, double scale, bool ones_column, at::Tensor& packed,
-                           at::Tensor* plain);
+// Each value is rounded once, unscaled: LoRA's scale goes with B (lora_cuda.cu),
+// since s * h can leave fp16's range where h does not.
+void pack_rows_cuda(const at::Tensor& src, bool ones_column, at::Tensor& packed, at::Tensor* plain);
 
 }  // namespace lrk

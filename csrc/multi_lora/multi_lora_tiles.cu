@@ -16,8 +16,10 @@
 // (zeroed by the caller) through atomicAdd; in deterministic mode each K split
 // adds into its own slice of a workspace, summed in a fixed order (common/split_reduce.h).
 // Expand: block = (64 tokens, 64 columns, slice); the rank loop runs in steps of
-// 32 up to r_j, h is scaled by s_j and rounded to the input dtype as it is staged.
-#include <c10/cuda/CUDAFunctions.h>
+// 32 up to r_j, h is rounded to the input dtype as it is staged and s_j applied
+// to the fp32 result (only a factor |s_j| < 1 goes in before rounding): staging
+// s_j * h would overflow fp16 (inf, NaN) for |h| > 65504 / s_j, where the row
+// kernel and the reference, which keep h in fp32, stay finite.
 #include <c10/cuda/CUDAGuard.h>
 #include <mma.h>
 
@@ -217,14 +219,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int q = 0; q < NQ; ++q) wmma::fill_fragment(acc[q], 0.f);
     const bool active = warp_meets(warp, row0, lo, hi);
+    // s_j = staged * applied: the staged values never exceed |h| nor |s_j * h|.
     const float scale = scales[j];
+    const bool shrinks = fabsf(scale) < 1.f;
+    const float staged = shrinks ? scale : 1.f, applied = shrinks ? 1.f : scale;
     const T* bj = b.pool[s] + j * N * r_max;
     for (int64_t k0 = 0; k0 < r; k0 += BKr) {
-      // scale_j * h rounded to T as it is staged; zero outside the segment and past r.
+      // staged * h rounded to T; zero outside the segment and past r.
       for (int e = threadIdx.x; e < kRows * BKr; e += kThreads) {
         const int tr = e / BKr, tc = e % BKr;
         const int64_t gr = row0 + tr, gk = k0 + tc;
-        const float v = (gr >= lo && gr < hi && gk < r) ? scale * hsl[gr * r_max + gk] : 0.f;
+        const float v = (gr >= lo && gr < hi && gk < r) ? staged * hsl[gr * r_max + gk] : 0.f;
         hsm[tr * LDS + tc] = cuda::from_float<T>(v);
       }
       stage_tile<T, BN, BKr, kVec>(bs, LDS, bj, r_max, col0, 0, N, k0, r);
@@ -235,7 +240,7 @@ __global__ void __launch_bounds__(kThreads)
     // One writer per element of y: the block owns these columns and each token is in one segment.
     write_segment_rows<NQ>(cs, acc, row0, lo, hi, cols, [&](int64_t gr, int tc, float v) {
       T* p = ys + gr * ld_y + tc;
-      *p = cuda::from_float<T>(cuda::to_float(*p) + v);
+      *p = cuda::from_float<T>(cuda::to_float(*p) + applied * v);
     });
   });
 }

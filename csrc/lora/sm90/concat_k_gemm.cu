@@ -15,11 +15,12 @@ bool tma_ready(const at::Tensor& t) {
 
 }  // namespace
 
-bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
-                             const at::Tensor& b2, FactorLayout layout, const at::Tensor& out) {
+bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor* a2, int64_t k2,
+                             const at::Tensor* b2, FactorLayout layout, const at::Tensor& out) {
   const auto dtype = a.scalar_type();
   if (!a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
-  for (const at::Tensor* t : {&b, &a2, &b2, &out}) {
+  for (const at::Tensor* t : {&b, a2, b2, &out}) {
+    if (t == nullptr) continue;  // allocated later by the caller, as the header says
     if (t->scalar_type() != dtype || t->device() != a.device() || !tma_ready(*t)) return false;
   }
   if (!tma_ready(a)) return false;
@@ -29,11 +30,17 @@ bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at:
   const int64_t int_max = std::numeric_limits<int>::max();
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
   if (M <= 0 || K <= 0 || N <= 0 || M > int_max || K > int_max / 2 || N > int_max) return false;
-  if (k2 <= 0 || k2 > 256 || a2.size(0) != M || a2.size(1) < k2 || out.size(0) != M) return false;
+  if (k2 <= 0 || k2 > 256 || out.size(0) != M) return false;
+  if (a2 != nullptr && (a2->size(0) != M || a2->size(1) < k2)) return false;
   if (layout == FactorLayout::kOutputsByReduction) {
-    return b.size(0) == N && b.size(1) == K && b2.size(0) == N && b2.size(1) >= k2;
+    return b.size(0) == N && b.size(1) == K && (b2 == nullptr || (b2->size(0) == N && b2->size(1) >= k2));
   }
-  return b.size(0) == K && b.size(1) == N && b2.size(0) >= k2 && b2.size(1) == N;
+  return b.size(0) == K && b.size(1) == N && (b2 == nullptr || (b2->size(0) >= k2 && b2->size(1) == N));
+}
+
+bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
+                             const at::Tensor& b2, FactorLayout layout, const at::Tensor& out) {
+  return concat_k_gemm_supported(a, b, &a2, k2, &b2, layout, out);
 }
 
 void concat_k_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,

@@ -19,6 +19,13 @@ enum class FactorLayout {
 // of 8 elements and 16-byte aligned bases (what TMA needs), 0 < k2 <= 256.
 bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, int64_t k2,
                              const at::Tensor& b2, FactorLayout layout, const at::Tensor& out);
+// The same check before the caller allocates a2 and/or b2 (passed as nullptr):
+// an operand the caller then allocates contiguous, in a's dtype on a's device,
+// shaped as above with a row pitch that is a multiple of 8 elements (fresh
+// allocations are 16-byte aligned) always suits the kernel, so only the
+// others are checked. concat_k_gemm checks every operand again.
+bool concat_k_gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor* a2, int64_t k2,
+                             const at::Tensor* b2, FactorLayout layout, const at::Tensor& out);
 
 // out [M, Nout] (row-major, written, never read) = a [M, K] @ op(b) + a2[:, :k2] @ op(b2),
 // fp32 accumulation. a2 may be wider than k2 (padded rows): its extra columns are not read.

@@ -1,4 +1,4 @@
-// concat_k_gemm kernels whose second factors are stored [Nout, K] (forward: y = [x | s*h] @ [W | B]^T),
+// concat_k_gemm kernels whose second factors are stored [Nout, K] (forward: y = [x | h] @ [W | s*B]^T),
 // with the plain epilogue and with DoRA's (g * acc + bias, acc kept).
 #include "lora/sm90/concat_k_gemm_kernel.cuh"
 

@@ -12,7 +12,7 @@
 //
 // LoRA folds its low-rank term into the frozen layer's GEMM this way, reading
 // x, W and dy exactly as often as the frozen layer does:
-//     y  = [x | s*h] @ [W | B]^T          dx = [dy | dh] @ [W ; A]
+//     y  = [x | h] @ [W | s*B]^T          dx = [dy | dh] @ [W ; A]
 //
 // The problem shape handed to the kernel carries the concatenated K as
 // K_total = k_tiles_main * BLK_K + K2, so that the kernel's k-tile count,

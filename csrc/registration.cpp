@@ -48,6 +48,9 @@ TORCH_LIBRARY(lrk, m) {
       "dora_fused_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor magnitude, "
       "float scale, float dropout_p, SymInt seed, Tensor? weight_sq_norm) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward: (grad_x, grad_lora_a, grad_lora_b, grad_magnitude); grad_x empty unless need_grad_x.
+  // DoRA backward's elementwise part: (grad_y * g, sum over rows of grad_y * y_unscaled),
+  // one pass over grad_y on CUDA; g [N] float32 or float64.
+  m.def("dora_grad_scale(Tensor grad_y, Tensor y_unscaled, Tensor g) -> (Tensor, Tensor)");
   m.def(
       "dora_fused_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor magnitude, "
       "Tensor h, Tensor y_unscaled, Tensor weight_norm, float scale, float dropout_p, SymInt seed, "

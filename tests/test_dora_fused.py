@@ -261,3 +261,38 @@ def test_bad_input_names_the_argument(change, match):
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
         lrk.dora_fused(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lead, N", [((0,), 24), ((1,), 8), ((7, 5), 19), ((300,), 2056), ((33,), 1031)])
+def test_dora_grad_scale_matches_reference(device, dtype, lead, N):
+    """DoRA backward's one pass over grad_y (its CUDA kernel: 8-wide vector and
+    element paths, row splits, an empty batch) against the float64 reference."""
+    gen = torch.Generator().manual_seed(hash((lead, N)) % 2**31)
+    gy = torch.randn(*lead, N, generator=gen, dtype=torch.float64)
+    yu = torch.randn(*lead, N, generator=gen, dtype=torch.float64)
+    g = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5
+    gy_t, yu_t = gy.to(dtype).to(device), yu.to(dtype).to(device)
+    scaled, sums = torch.ops.lrk.dora_grad_scale(gy_t, yu_t, g.float().to(device))
+    ref_scaled, ref_sums = ref.dora_grad_scale(gy_t.double().cpu(), yu_t.double().cpu(), g.float().double())
+    assert scaled.dtype == dtype and scaled.shape == gy.shape and sums.dtype == torch.float32 and sums.shape == (N,)
+    assert_close(scaled, ref_scaled, dtype, "grad_y * g")
+    magnitude = (gy_t.double().abs().reshape(-1, N) * yu_t.double().abs().reshape(-1, N)).sum(0).cpu()
+    assert_close(sums, ref_sums, torch.float32, "column sums", magnitude=magnitude)
+
+
+@pytest.mark.parametrize("device", DEVICES_NO_EMU)
+def test_dora_grad_scale_opcheck_and_bad_input(device):
+    gy = torch.randn(6, 16, device=device, dtype=torch.bfloat16)
+    yu = torch.randn(6, 16, device=device, dtype=torch.bfloat16)
+    g = torch.rand(16, device=device) + 0.5
+    torch.library.opcheck(torch.ops.lrk.dora_grad_scale.default, (gy, yu, g))
+    with pytest.raises(RuntimeError, match="y_unscaled: expected shape"):
+        torch.ops.lrk.dora_grad_scale(gy, yu[:, :8], g)
+    with pytest.raises(RuntimeError, match="g:"):
+        torch.ops.lrk.dora_grad_scale(gy, yu, g[:8])
+    with pytest.raises(RuntimeError, match="g: expected float32 or float64"):
+        torch.ops.lrk.dora_grad_scale(gy, yu, g.half())
+    with pytest.raises(RuntimeError, match="y_unscaled"):
+        torch.ops.lrk.dora_grad_scale(gy, yu.float(), g)

@@ -123,7 +123,8 @@ struct Thread {
   Wait wait = Wait::kNone;
   uint32_t warp_mask = 0;   // the mask of the warp barrier it waits at
   WarpOp warp_op = WarpOp::kSyncwarp;
-  uint64_t exchange[4] = {0, 0, 0, 0};  // a lane's value in a shuffle or vote
+  uint32_t exchanges = 0;  // value exchanges (shuffle, vote) so far: picks the scratch
+  uint32_t mmas = 0;       // wmma mma_sync calls so far: picks the tile scratch
   std::vector<std::vector<AsyncCopy>> async_groups;  // committed groups, oldest first
   std::vector<AsyncCopy> async_open;                 // issued, not yet committed
 #ifdef LRK_EMU_ASAN
@@ -133,11 +134,13 @@ struct Thread {
 
 struct Warp {
   // Scratch for the collective operations: values of every lane, and the
-  // 16x16 tiles of a wmma mma.
-  uint64_t values[32][4];
-  float tile_a[32][8];
-  float tile_b[32][8];
-  int arrived = 0;
+  // 16x16 tiles of a wmma mma. Two of each, used alternately: a lane writes the
+  // next call's scratch while slower lanes still read this call's, and cannot
+  // get two calls ahead (the next call's barrier waits for them), so each
+  // exchange needs one barrier, not two.
+  uint64_t values[2][32][4];
+  float tile_a[2][32][8];
+  float tile_b[2][32][8];
 };
 
 // Shared allocations carry guard bytes on both sides: a write past either end
@@ -529,7 +532,8 @@ T shuffle(uint32_t mask, T value, int (*source)(int lane, int arg), int arg, int
   Thread& t = this_thread();
   Warp& w = t.block->warps[t.warp];
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail(where(t) + ": shuffle width must be a power of 2 <= 32");
-  std::memcpy(w.values[t.lane], &value, sizeof(T));
+  auto& values = w.values[t.exchanges++ & 1];
+  std::memcpy(values[t.lane], &value, sizeof(T));
   warp_barrier(mask, WarpOp::kShuffle);
   const int base = t.lane & ~(width - 1);
   int src = source(t.lane & (width - 1), arg);
@@ -537,21 +541,20 @@ T shuffle(uint32_t mask, T value, int (*source)(int lane, int arg), int arg, int
   if (src >= 0 && src < width) {
     src += base;
     if (!(mask >> src & 1u)) fail(where(t) + ": shuffle reads lane " + std::to_string(src) + ", which is not in the mask");
-    std::memcpy(&out, w.values[src], sizeof(T));
+    std::memcpy(&out, values[src], sizeof(T));
   }
-  warp_barrier(mask, WarpOp::kShuffle);  // the slots are reused by the next collective
   return out;
 }
 
 inline uint32_t ballot(uint32_t mask, bool pred) {
   Thread& t = this_thread();
   Warp& w = t.block->warps[t.warp];
-  w.values[t.lane][0] = pred ? 1 : 0;
+  auto& values = w.values[t.exchanges++ & 1];
+  values[t.lane][0] = pred ? 1 : 0;
   warp_barrier(mask, WarpOp::kVote);
   uint32_t bits = 0;
   for (int i = 0; i < 32; ++i)
-    if ((mask >> i & 1u) && w.values[i][0]) bits |= 1u << i;
-  warp_barrier(mask, WarpOp::kVote);
+    if ((mask >> i & 1u) && values[i][0]) bits |= 1u << i;
   return bits;
 }
 

@@ -14,8 +14,8 @@
 #include <torch/library.h>
 
 #include "common/autocast.h"
-#ifdef LRK_WITH_CUDA
 #include "lora/dora_grad.h"
+#ifdef LRK_WITH_CUDA
 #include "lora/lora_cuda.h"
 #endif
 #include "lora/lora_checks.h"
@@ -143,22 +143,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_bwd(
   const at::Tensor g = magnitude.to(weight_norm.scalar_type()) / weight_norm;
   // grad_y * g for LoRA's backward, and column_sums_n = sum_i grad_y[i, n] * y_unscaled[i, n]
   // (float32, or float64) for grad_m_n = column_sums_n / norm_n.
-  at::Tensor grad_y_scaled, column_sums;
-#ifdef LRK_WITH_CUDA
-  if (grad_y.is_cuda() && is_half_precision(grad_y.scalar_type()) && g.scalar_type() == at::kFloat) {
-    grad_y_scaled = at::empty({d.M, d.N}, grad_y.options());
-    column_sums = at::zeros({d.N}, g.options());
-    dora_grad_scale_cuda(grad_y.reshape({d.M, d.N}).contiguous(), y_unscaled.reshape({d.M, d.N}).contiguous(),
-                         g.contiguous(), grad_y_scaled, column_sums);  // one pass over grad_y
-    grad_y_scaled = grad_y_scaled.view(grad_y.sizes());
-  }
-#endif
-  if (!grad_y_scaled.defined()) {
-    grad_y_scaled = at::empty_like(grad_y, at::MemoryFormat::Contiguous);
-    at::mul_out(grad_y_scaled, grad_y, g);
-    const at::Tensor prod = at::mul(grad_y.reshape({d.M, d.N}), y_unscaled.reshape({d.M, d.N}));
-    column_sums = at::sum(prod, {0}, false, weight_norm.scalar_type());
-  }
+  // One pass over grad_y on CUDA (the op's CUDA kernel, dora_grad.cu).
+  static auto grad_scale = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lrk::dora_grad_scale", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&)>();
+  const auto [grad_y_scaled, column_sums] = grad_scale.call(grad_y, y_unscaled, g);
   auto [grad_x, grad_a, grad_b] =
       lora_bwd.call(grad_y_scaled, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, need_grad_x);
   const at::Tensor grad_m = (column_sums / weight_norm).to(magnitude.scalar_type());
@@ -180,7 +170,14 @@ at::Tensor dora_fused(const at::Tensor& x, const at::Tensor& weight, const std::
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> dora_grad_scale(const at::Tensor& grad_y, const at::Tensor& y_unscaled,
+                                                   const at::Tensor& g) {
+  check_dora_grad_scale_inputs(grad_y, y_unscaled, g);
+  return dora_grad_scale_aten(grad_y, y_unscaled, g);
+}
+
 TORCH_LIBRARY_IMPL(lrk, CompositeExplicitAutograd, m) {
+  m.impl("dora_grad_scale", &dora_grad_scale);
   m.impl("dora_fused_fwd", &dora_fused_fwd);
   m.impl("dora_fused_bwd", &dora_fused_bwd);
 }

@@ -108,4 +108,22 @@ void dora_grad_scale_cuda(const at::Tensor& grad_y, const at::Tensor& y_unscaled
   });
 }
 
+// The CUDA kernel of lrk::dora_grad_scale: one pass over grad_y for bf16/fp16
+// with float32 g, ATen otherwise.
+std::tuple<at::Tensor, at::Tensor> dora_grad_scale_op_cuda(const at::Tensor& grad_y, const at::Tensor& y_unscaled,
+                                                           const at::Tensor& g) {
+  check_dora_grad_scale_inputs(grad_y, y_unscaled, g);
+  if (!is_half_precision(grad_y.scalar_type()) || g.scalar_type() != at::kFloat) {
+    return dora_grad_scale_aten(grad_y, y_unscaled, g);
+  }
+  const int64_t N = grad_y.size(-1), M = N == 0 ? 0 : grad_y.numel() / N;
+  at::Tensor scaled = at::empty({M, N}, grad_y.options());
+  at::Tensor column_sums = at::zeros({N}, g.options());
+  dora_grad_scale_cuda(grad_y.reshape({M, N}).contiguous(), y_unscaled.reshape({M, N}).contiguous(), g.contiguous(),
+                       scaled, column_sums);
+  return {scaled.view(grad_y.sizes()), column_sums};
+}
+
+LRK_CUDA_KERNELS(m) { m.impl("dora_grad_scale", &dora_grad_scale_op_cuda); }
+
 }  // namespace lrk

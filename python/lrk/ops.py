@@ -84,6 +84,11 @@ def _dora_fused_fwd_fake(x, weight, bias, lora_a, lora_b, magnitude, scale, drop
             x.new_empty((weight.shape[0],), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32))
 
 
+@torch.library.register_fake("lrk::dora_grad_scale")
+def _dora_grad_scale_fake(grad_y, y_unscaled, g):
+    return torch.empty_like(grad_y, memory_format=torch.contiguous_format), g.new_empty((grad_y.shape[-1],))
+
+
 @torch.library.register_fake("lrk::dora_fused_bwd")
 def _dora_fused_bwd_fake(grad_y, x, weight, lora_a, lora_b, magnitude, h, y_unscaled, weight_norm, scale,
                          dropout_p, seed, need_grad_x):

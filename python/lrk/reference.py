@@ -94,3 +94,9 @@ def dora_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
     g = magnitude / dora_weight_norm(weight, lora_a, lora_b, scale).detach()
     y = g * (x @ weight.t() + scale * ((dropout(x, dropout_p, seed) @ lora_a.t()) @ lora_b.t()))
     return y if bias is None else y + bias
+
+
+def dora_grad_scale(grad_y: Tensor, y_unscaled: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """DoRA backward's elementwise part: grad_y * g, and sum over rows of grad_y * y_unscaled."""
+    n = grad_y.shape[-1]
+    return grad_y * g, (grad_y.reshape(-1, n) * y_unscaled.reshape(-1, n)).sum(0)

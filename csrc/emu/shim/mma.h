@@ -4,9 +4,11 @@
 // collectively. Each lane holds 8 of a fragment's 256 elements (element p of
 // the row-major 16x16 tile lives in lane p % 32, slot p / 32). A GPU's mapping
 // is unspecified and differs; kernels may only rely on element-wise use of x[].
-// Every operation is a warp barrier (all 32 lanes must call it, as on a GPU);
-// mma_sync gathers the operands of all lanes and accumulates in float32, in
-// ascending k.
+// mma_sync is a warp barrier (all 32 lanes must call it, as on a GPU): it
+// gathers the operands of all lanes and accumulates in float32, in ascending k.
+// Loads, stores and fills touch only the calling lane's elements and run
+// without a barrier (a barrier each would double the emulation time; lanes
+// that skip them still meet at the next mma_sync or fail there).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -57,7 +59,6 @@ class fragment {
 
 template <typename Use, typename T, typename Layout>
 void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v) {
-  detail::warp_sync();
   for (auto& e : f.x) e = v;
 }
 
@@ -66,7 +67,6 @@ void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v) {
 template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load needs a layout argument");
-  detail::warp_sync();
   const int lane = detail::lane_thread().lane;
   constexpr bool kRow = std::is_same_v<Layout, row_major>;
   for (int i = 0; i < 8; ++i) {
@@ -77,7 +77,6 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsig
 
 template <typename T>
 void load_matrix_sync(fragment<accumulator, 16, 16, 16, T, void>& f, const T* p, unsigned ldm, layout_t layout) {
-  detail::warp_sync();
   const int lane = detail::lane_thread().lane;
   for (int i = 0; i < 8; ++i) {
     const int r = detail::row_of(lane, i), c = detail::col_of(lane, i);
@@ -87,7 +86,6 @@ void load_matrix_sync(fragment<accumulator, 16, 16, 16, T, void>& f, const T* p,
 
 template <typename T>
 void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T, void>& f, unsigned ldm, layout_t layout) {
-  detail::warp_sync();
   const int lane = detail::lane_thread().lane;
   for (int i = 0; i < 8; ++i) {
     const int r = detail::row_of(lane, i), c = detail::col_of(lane, i);
@@ -101,10 +99,12 @@ void mma_sync(fragment<accumulator, 16, 16, 16, TC, void>& d, const fragment<mat
               const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, TC, void>& c) {
   auto& t = detail::lane_thread();
   auto& w = t.block->warps[t.warp];
-  detail::warp_sync();
+  const int buf = t.mmas++ & 1;
+  auto& tile_a = w.tile_a[buf];
+  auto& tile_b = w.tile_b[buf];
   for (int i = 0; i < 8; ++i) {
-    w.tile_a[t.lane][i] = detail::to_f(a.x[i]);
-    w.tile_b[t.lane][i] = detail::to_f(b.x[i]);
+    tile_a[t.lane][i] = detail::to_f(a.x[i]);
+    tile_b[t.lane][i] = detail::to_f(b.x[i]);
   }
   detail::warp_sync();
   // Element (r, c) of a tile lives in lane (r*16+c) % 32, slot (r*16+c) / 32.
@@ -113,10 +113,9 @@ void mma_sync(fragment<accumulator, 16, 16, 16, TC, void>& d, const fragment<mat
   for (int i = 0; i < 8; ++i) {
     const int r = detail::row_of(t.lane, i), col = detail::col_of(t.lane, i);
     float acc = detail::to_f(c.x[i]);
-    for (int k = 0; k < 16; ++k) acc += at(w.tile_a, r, k) * at(w.tile_b, k, col);
+    for (int k = 0; k < 16; ++k) acc += at(tile_a, r, k) * at(tile_b, k, col);
     out[i] = detail::from_f<TC>(acc);
   }
-  detail::warp_sync();  // every lane has read the tiles before they are reused
   for (int i = 0; i < 8; ++i) d.x[i] = out[i];
 }
 

@@ -82,5 +82,5 @@ def test_orders_differ_and_launches_are_counted():
 def test_bad_schedule_is_named():
     with pytest.raises(ValueError, match="order"):
         emulated.set_schedule("sideways")
-    with pytest.raises(RuntimeError, match="forward, reverse or shuffled"):
+    with pytest.raises(ValueError, match="forward, reverse or shuffled"):
         torch.ops.lrk_emu.emu_set_schedule("sideways", 0)

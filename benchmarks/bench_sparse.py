@@ -43,7 +43,7 @@ import torch
 
 import lrk
 import lrk.sparse_ops as sp
-from benchmarks.harness import (Result, environment, parse_bench_args, peak_mib, pick_cases, print_table, time_ms,
+from benchmarks.harness import (Result, environment, parse_bench_args, peak_mib, pick_cases, print_table, set_ratios, time_ms,
                                verdict, write_json)
 from lrk.nn.sara import SaRALinear
 from lrk.nn.snell import SNELLLinear
@@ -136,10 +136,7 @@ def run_sddmm(M, N, K, b, density, device, dtype, copy_bw=None):
         results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
                               gbps=gbps, rel_err=err, note=note,
                               extra=dict(shape=(M, N, K), block_size=b, density=density)))
-    base = results[0].ms
-    for r in results:
-        if r.ms and base:
-            r.ratio = r.ms / base
+    set_ratios(results)
     return results
 
 
@@ -173,10 +170,7 @@ def run_csr_vs_dense(M, N, K, density, device, dtype):
         results.append(Result(case=case, contender=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
                               rel_err=err, note=note or f"nnz {nnz}",
                               extra=dict(shape=(M, N, K), density=density, nnz=nnz)))
-    base = results[0].ms
-    for r in results:
-        if r.ms and base:
-            r.ratio = r.ms / base
+    set_ratios(results)
     return results
 
 
@@ -235,10 +229,7 @@ def run_layers(M, N, K, device, dtype):
             note = f"failed: {type(exc).__name__}: {str(exc)[:70]}"
         results.append(Result(case=case, contender=name, ms=ms, peak_mib=mem, note=note,
                               extra=dict(grad_MiB=grad_mib, adamw_state_MiB=state_mib, trained_params=trained)))
-    base = results[0].ms
-    for res in results:
-        if res.ms and base:
-            res.ratio = res.ms / base
+    set_ratios(results)
     return results
 
 

@@ -20,10 +20,12 @@ done
 echo "=== emulated CUDA kernels under AddressSanitizer + UBSan"
 bash scripts/build_emulated.sh --sanitize
 t0=$(date +%s)
-ASAN_LIB=$(gcc -print-file-name=libasan.so)
-# Leaks: the interpreter's own allocations at exit are not lrk's. Any other
-# finding stops the process, which fails the run.
-LD_PRELOAD=$ASAN_LIB ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+# The sanitizer runtime must come first; libstdc++ with it, so that its
+# exception interceptors find the functions they wrap (python itself does not
+# link libstdc++). Leaks: the interpreter's own allocations at exit are not
+# lrk's. Any other finding stops the process, which fails the run.
+PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+LD_PRELOAD=$PRELOAD ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 LRK_EMU_SANITIZED=1 LRK_EMU_ORDER=shuffled LRK_EMU_SEED=5 \
   python -m pytest -q -m emu -p no:cacheprovider ${LRK_EMU_SANITIZE_TESTS:-tests}
 echo "[test_emulated] sanitized: $(( $(date +%s) - t0 )) s"

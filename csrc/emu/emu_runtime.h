@@ -40,6 +40,7 @@
 #include <vector_types.h>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define LRK_EMU_ASAN 1
 #endif
@@ -118,7 +119,7 @@ struct Thread {
   int warp = 0;
   Block* block = nullptr;
   ucontext_t ctx{};
-  std::vector<unsigned char>* stack = nullptr;
+  unsigned char* stack = nullptr;  // kStackBytes, from stack_for()
   bool done = false;
   Wait wait = Wait::kNone;
   uint32_t warp_mask = 0;   // the mask of the warp barrier it waits at
@@ -205,7 +206,6 @@ struct Launch {
   ucontext_t scheduler{};
   std::exception_ptr error;
   std::function<void()> body;  // runs the kernel with this launch's arguments
-  std::vector<std::vector<unsigned char>> stacks;
 #ifdef LRK_EMU_ASAN
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
@@ -243,6 +243,19 @@ constexpr size_t kStackBytes =
 #else
     128 * 1024;
 #endif
+
+// Fiber stacks, kept for the next launches: allocating (and, under ASan,
+// poisoning) megabytes per launch would cost more than the kernels.
+inline unsigned char* stack_for(size_t thread) {
+  static thread_local std::vector<std::unique_ptr<unsigned char[]>> pool;
+  while (pool.size() <= thread) pool.emplace_back(new unsigned char[kStackBytes]);
+  unsigned char* s = pool[thread].get();
+#ifdef LRK_EMU_ASAN
+  // A fiber that ended by switching away leaves its frames' redzones poisoned.
+  __asan_unpoison_memory_region(s, kStackBytes);
+#endif
+  return s;
+}
 
 // Back to the scheduler; returns when the scheduler resumes this thread.
 inline void yield_to_scheduler() {
@@ -378,10 +391,10 @@ inline void run_block(Launch& l, Block& b, uint64_t salt) {
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
     t.block = &b;
-    t.stack = &l.stacks[i];
+    t.stack = stack_for(static_cast<size_t>(i));
     getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = t.stack->data();
-    t.ctx.uc_stack.ss_size = t.stack->size();
+    t.ctx.uc_stack.ss_sp = t.stack;
+    t.ctx.uc_stack.ss_size = kStackBytes;
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, &thread_entry, 0);
   }
@@ -396,7 +409,7 @@ inline void run_block(Launch& l, Block& b, uint64_t salt) {
       progressed = true;
       l.current = &t;
 #ifdef LRK_EMU_ASAN
-      __sanitizer_start_switch_fiber(&l.scheduler_fake_stack, t.stack->data(), t.stack->size());
+      __sanitizer_start_switch_fiber(&l.scheduler_fake_stack, t.stack, kStackBytes);
 #endif
       swapcontext(&l.scheduler, &t.ctx);
 #ifdef LRK_EMU_ASAN
@@ -454,8 +467,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block_dim, size_t dynamic_smem
     auto copy = params;
     std::apply(kernel, copy);
   };
-  l.stacks.resize(nthreads);
-  for (auto& s : l.stacks) s.resize(kStackBytes);
   current_launch() = &l;
   ++counters().launches;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;

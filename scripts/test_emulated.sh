@@ -19,6 +19,9 @@ done
 
 echo "=== emulated CUDA kernels under AddressSanitizer + UBSan"
 bash scripts/build_emulated.sh --sanitize
+SELECTION=${LRK_EMU_SANITIZE_TESTS:-$(python -m pytest --collect-only -q -m emu -p no:cacheprovider tests 2>/dev/null \
+  | python scripts/sanitized_selection.py)}
+echo "[test_emulated] sanitized run: $(echo "$SELECTION" | wc -w) tests"
 t0=$(date +%s)
 # The sanitizer runtime must come first; libstdc++ with it, so that its
 # exception interceptors find the functions they wrap (python itself does not
@@ -27,5 +30,5 @@ t0=$(date +%s)
 PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 LD_PRELOAD=$PRELOAD ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 LRK_EMU_SANITIZED=1 LRK_EMU_ORDER=shuffled LRK_EMU_SEED=5 \
-  python -m pytest -q -m emu -p no:cacheprovider ${LRK_EMU_SANITIZE_TESTS:-tests}
+  python -m pytest -q -m emu -p no:cacheprovider $SELECTION
 echo "[test_emulated] sanitized: $(( $(date +%s) - t0 )) s"

@@ -239,7 +239,7 @@ inline std::string where(const Thread& t) {
 
 constexpr size_t kStackBytes =
 #ifdef LRK_EMU_ASAN
-    512 * 1024;
+    64 * 1024;  // ASan clears the shadow of the whole stack at every switch
 #else
     128 * 1024;
 #endif

@@ -28,13 +28,15 @@ inline void check_dora_grad_scale_inputs(const at::Tensor& grad_y, const at::Ten
 }
 
 // The same with ATen ops (any device and dtype): grad_y * g rounded once to grad_y's
-// dtype, and the column sums accumulated in g's dtype.
+// dtype, and the column sums of products formed and accumulated in g's dtype (a
+// bf16 product would carry bf16 rounding into the float32 sums).
 inline std::tuple<at::Tensor, at::Tensor> dora_grad_scale_aten(const at::Tensor& grad_y, const at::Tensor& y_unscaled,
                                                                const at::Tensor& g) {
   at::Tensor scaled = at::empty_like(grad_y, at::MemoryFormat::Contiguous);
   at::mul_out(scaled, grad_y, g);
   const int64_t N = grad_y.size(-1);
-  const at::Tensor prod = at::mul(grad_y.reshape({-1, N}), y_unscaled.reshape({-1, N}));
+  const at::ScalarType acc = g.scalar_type();
+  const at::Tensor prod = at::mul(grad_y.reshape({-1, N}).to(acc), y_unscaled.reshape({-1, N}).to(acc));
   return {scaled, at::sum(prod, {0}, false, g.scalar_type())};
 }
 

@@ -24,4 +24,6 @@ cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" "${LAUNCHER[@]}" -DCMAKE_BUILD_TYPE=Rel
   -DPython3_EXECUTABLE="$(command -v $PY)" -DLRK_BUILD_EMULATED=ON -DLRK_EMU_SANITIZE="$SANITIZE" \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/python/lrk" -DLRK_OUTPUT_NAME=$NAME -DLRK_OUTPUT_SUFFIX="$SUFFIX" >/dev/null
 cmake --build "$BUILD" --parallel "${MAX_JOBS:-$(nproc)}"
+# The torch it was built against: lrk.emulated loads it only under that torch.
+$PY -c "import torch; print(torch.__version__)" > "$ROOT/python/lrk/$NAME.torch-version"
 echo "[build_emulated] python/lrk/$NAME$SUFFIX"

@@ -38,9 +38,14 @@ def library_path(sanitized: bool = False) -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent / (_NAMES[sanitized] + suffix)
 
 
+def _built_for(sanitized: bool) -> str:
+    stamp = library_path(sanitized).parent / (_NAMES[sanitized] + ".torch-version")
+    return stamp.read_text().strip() if stamp.exists() else ""
+
+
 def available(sanitized: bool = False) -> bool:
-    """Whether the emulated library (plain or sanitized) has been built."""
-    return library_path(sanitized).exists()
+    """Whether the emulated library (plain or sanitized) has been built, for this torch."""
+    return library_path(sanitized).exists() and _built_for(sanitized) == torch.__version__
 
 
 def load(sanitized: bool = False) -> None:
@@ -53,9 +58,9 @@ def load(sanitized: bool = False) -> None:
     if _loaded.get(other):
         raise RuntimeError(f"lrk.emulated: {other} is already loaded in this process; load one emulated library only")
     path = library_path(sanitized)
-    if not path.exists():
-        raise RuntimeError(f"lrk.emulated: {path} is not built; run scripts/build_emulated.sh"
-                           + (" --sanitize" if sanitized else ""))
+    if not available(sanitized):
+        raise RuntimeError(f"lrk.emulated: {path} is not built for torch {torch.__version__}; run "
+                           "scripts/build_emulated.sh" + (" --sanitize" if sanitized else ""))
     torch.ops.load_library(str(path))
     _loaded[name] = True
 

@@ -56,6 +56,24 @@ TORCH_LIBRARY(lrk, m) {
       "Tensor h, Tensor y_unscaled, Tensor weight_norm, float scale, float dropout_p, SymInt seed, "
       "bool need_grad_x) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // ---- 4-bit quantized bases (QLoRA) -------------------------------------------------
+  // A frozen weight W [out_features, in_features] in bitsandbytes' 4-bit layout
+  // (python/lrk/reference_quant.py): element i of the row-major flattened W is the
+  // high nibble of packed[i / 2] for even i and the low one for odd i; its value is
+  // code[nibble] * absmax[i / blocksize] (code: the 16-entry NF4 or FP4 table).
+  // The kernels dequantize tiles as they load them: W never exists in full.
+  // linear_4bit: x [..., in_features] -> x @ W^T [..., out_features].
+  m.def(
+      "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+      "int in_features) -> Tensor");
+  // linear_4bit_grad_input: grad_y [..., out_features] -> grad_y @ W [..., in_features].
+  m.def(
+      "linear_4bit_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+      "int out_features, int in_features) -> Tensor");
+  // Double quantization's absmax: code2[absmax_q[j]] * absmax2[j / blocksize2] + offset, float32.
+  m.def(
+      "dequantize_absmax(Tensor absmax_q, Tensor absmax2, Tensor code2, int blocksize2, float offset) -> Tensor");
+
   // ---- batched multi-adapter LoRA for serving (ops.md section 2) -------------------
   // A pool of n adapters per output slice: lora_a[s] [n, r_max, K], lora_b[s]
   // [n, N_s, r_max]; ranks [n] (int32/int64, each <= r_max: an adapter of rank r

@@ -8,8 +8,8 @@ from . import _loader
 _loader.load()
 
 from . import ops, reference  # noqa: E402  (registers fakes and autograd)
-from . import galore_ops, kron_ops, kron_select, multi_lora_ops, sparse_ops  # noqa: E402
-from . import reference_galore, reference_kron, reference_multi_lora, reference_sparse  # noqa: E402
+from . import galore_ops, kron_ops, kron_select, multi_lora_ops, quant_ops, sparse_ops  # noqa: E402
+from . import reference_galore, reference_kron, reference_multi_lora, reference_quant, reference_sparse  # noqa: E402
 from . import nn, optim  # noqa: E402
 from ._loader import build_info, has_cuda_kernels  # noqa: E402
 from .multi_lora_ops import (  # noqa: E402

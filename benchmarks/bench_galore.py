@@ -38,7 +38,7 @@ import torch
 import lrk
 import lrk.galore_ops as go
 import lrk.reference_galore as ref
-from benchmarks.harness import (Result, environment, parse_bench_args, pick_cases, print_table, print_targets, time_ms,
+from benchmarks.harness import (Progress, Result, environment, parse_bench_args, pick_cases, print_table, print_targets, time_ms,
                                verdict, write_json, write_profile)
 from lrk.optim import GaLoreAdamW
 
@@ -313,7 +313,8 @@ def main(argv=None):
     refresh, steps, memory = [], [], []
     methods = {"svd/rsvd": dict(proj_type="rsvd"), "svd/rsvd int4": dict(proj_type="rsvd", proj_bits=4),
                "dct": dict(proj_type="dct"), "random": dict(proj_type="random")}
-    for m, n, rank in cases:
+    progress = Progress("bench_galore", len(cases))
+    for m, n, rank in progress.over(cases, label=lambda c: f"{c[0]}x{c[1]} r{c[2]}"):
         refresh += refresh_table(m, n, rank, device, reps_ms=200 if device.type == "cuda" else 300,
                                  profile_dir=args.profile)
         steps += step_table(m, n, rank, device, profile_dir=args.profile)

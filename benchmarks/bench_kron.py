@@ -31,7 +31,7 @@ import lrk
 import lrk.kron_ops  # noqa: F401
 from lrk.kron_ops import kron_dense, kron_linear
 from lrk.kron_select import choose_factorization
-from benchmarks.harness import (Result, device_name, environment, parse_bench_args, peak_mib, pick_cases, print_table,
+from benchmarks.harness import (Progress, Result, device_name, environment, parse_bench_args, peak_mib, pick_cases, print_table,
                                set_ratios, time_ms, verdict, write_json, write_profile)
 
 GPU_CASES = [  # (M, N, K, terms)
@@ -227,10 +227,12 @@ def main(argv=None):
     kp_cases = pick_cases(device, GPU_KPSVD, CPU_KPSVD, keep)
     tables = []
     first_case = {}  # (backward, with_base) -> results of cases[0]
+    progress = Progress("bench_kron", 4 * len(cases) + len(kp_cases))
     for backward in (False, True):
         for with_base in (False, True):
             res = []
-            for i, (M, N, K, terms) in enumerate(cases):
+            stage = ("fwd+bwd" if backward else "fwd") + (" with base" if with_base else "")
+            for i, (M, N, K, terms) in enumerate(progress.over(cases, f"kron_linear {stage}")):
                 case_res = run_kron_case(M, N, K, terms, device, dtype, backward, with_base,
                                          profile_dir=args.profile if i == 0 else None)
                 if i == 0:
@@ -240,7 +242,7 @@ def main(argv=None):
             tables.append((f"kron_linear {what}, {dtype}, {device.type}", res))
     res = []
     first_kp = None
-    for N, K, terms in kp_cases:
+    for N, K, terms in progress.over(kp_cases, "kpsvd"):
         case_res = run_kpsvd_case(N, K, terms, device, profile_dir=args.profile if first_kp is None else None)
         first_kp = first_kp if first_kp is not None else case_res
         res += case_res

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk
-from benchmarks.harness import (Result, device_name, parse_bench_args, peak_mib, pick_cases, print_table, print_targets,
+from benchmarks.harness import (Progress, Result, device_name, parse_bench_args, peak_mib, pick_cases, print_table, print_targets,
                                report, set_ratios, time_ms, verdict, write_profile)
 
 GPU_CASES = [  # (M, K, N, r, dropout, use_dora)
@@ -197,7 +197,8 @@ def main(argv=None):
     cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     results = []
     title = f"LoRA / DoRA layer forward+backward, {dtype}, {device.type}"
-    for i, (M, K, N, r, p, use_dora) in enumerate(cases):
+    progress = Progress("bench_lora", len(cases))
+    for i, (M, K, N, r, p, use_dora) in enumerate(progress.over(cases)):
         case_results = run_case(M, K, N, r, p, use_dora, device, dtype, profile_dir=args.profile)
         results += case_results
         if len(cases) > 1:  # each case as it completes: a run cut short by a time limit still reports

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lrk.multi_lora_ops as mlo
-from benchmarks.harness import Result, parse_bench_args, pick_cases, report, set_ratios, time_ms
+from benchmarks.harness import Progress, Result, parse_bench_args, pick_cases, report, set_ratios, time_ms
 
 
 @dataclass
@@ -216,7 +216,8 @@ def main(argv=None):
     args, device, dtype = parse_bench_args(__doc__, argv, quick_help="first case only")
     cases = pick_cases(device, GPU_CASES, CPU_CASES, 1 if args.quick else None)
     results = []
-    for case in cases:
+    progress = Progress("bench_multi_lora", len(cases))
+    for case in progress.over(cases):
         results += run_case(case, device, dtype)
     title = f"multi-adapter LoRA layer (y = xW^T + per-token adapter), {dtype}, {device.type}"
     report(title, results, device, args.json)

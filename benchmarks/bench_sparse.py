@@ -43,7 +43,7 @@ import torch
 
 import lrk
 import lrk.sparse_ops as sp
-from benchmarks.harness import (Result, environment, parse_bench_args, peak_mib, pick_cases, print_table, set_ratios, time_ms,
+from benchmarks.harness import (Progress, Result, environment, parse_bench_args, peak_mib, pick_cases, print_table, set_ratios, time_ms,
                                verdict, write_json)
 from lrk.nn.sara import SaRALinear
 from lrk.nn.snell import SNELLLinear
@@ -287,19 +287,20 @@ def main(argv=None):
     sddmm_cases = pick_cases(device, GPU_SDDMM, CPU_SDDMM, 2 if args.quick else None)
     layer_cases = pick_cases(device, GPU_LAYERS, CPU_LAYERS)
     copy_bw = copy_gbps(device)
+    csr_cases = GPU_CSR if device.type == "cuda" else (CPU_CSR_QUICK if args.quick else CPU_CSR)
+    progress = Progress("bench_sparse", len(sddmm_cases) + len(csr_cases) + len(layer_cases))
     sddmm = []
-    for case in sddmm_cases:
+    for case in progress.over(sddmm_cases, "sddmm"):
         sddmm += run_sddmm(*case, device, dtype, copy_bw)
     title = f"masked-gradient SDDMM, {dtype}, {device.type}; copy bandwidth in this run {copy_bw:.0f} GB/s"
     print_table(title, sddmm)
-    csr_cases = GPU_CSR if device.type == "cuda" else (CPU_CSR_QUICK if args.quick else CPU_CSR)
     csr = []
-    for case in csr_cases:
+    for case in progress.over(csr_cases, "csr vs dense"):
         csr += run_csr_vs_dense(*case, device, dtype)
     title_csr = f"CSR SDDMM vs the dense product, {dtype}, {device.type} (x base: against dense, same run)"
     print_table(title_csr, csr)
     layer_results = []
-    for case in layer_cases:
+    for case in progress.over(layer_cases, "layers"):
         layer_results += run_layers(*case, device, dtype)
     title2 = f"sparse-update layers, forward+backward, {dtype}, {device.type}"
     print_table(title2, layer_results)

@@ -205,3 +205,44 @@ def print_targets(title: str, rows: list[tuple[str, str, str, str, str]]) -> Non
     print("-" * len(line))
     for r in rows:
         print("  ".join(f"{str(v):<{w}}" for v, w in zip(r[:4], widths)) + "  " + r[4])
+
+
+class Progress:
+    """Progress of a long benchmark run, one line per case on stderr as it starts:
+    its number out of the run's total, its label, the time so far and an estimate of
+    the time left (mean time of the finished cases times the cases left)::
+
+        progress = Progress("bench_sparse", len(sddmm_cases) + len(layer_cases))
+        for case in progress.over(sddmm_cases, "sddmm"):
+            ...
+    """
+
+    def __init__(self, name: str, total: int, stream=None):
+        import sys
+        import time
+
+        self.name, self.total, self.done = name, total, 0
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self._stream = stream if stream is not None else sys.stderr
+
+    def line(self, label: str) -> str:
+        elapsed = self._clock() - self._start
+        left = self.total - self.done
+        if self.done:
+            eta = f"~{elapsed / self.done * left:.0f} s left"
+        else:
+            eta = "time left unknown yet"
+        return (f"[{self.name} {self.done + 1}/{self.total}] {label} | {elapsed:.0f} s elapsed, "
+                f"{left - 1} case{'s' if left - 1 != 1 else ''} after this one, {eta}")
+
+    def over(self, cases, what: str = "case", label: Optional[Callable[[object], str]] = None):
+        """Yields each case of `cases`, printing the progress line before it runs."""
+        for case in cases:
+            text = label(case) if label else str(case)
+            print(self.line(f"{what} {text}"), file=self._stream, flush=True)
+            yield case
+            self.done += 1
+        if self.done == self.total:
+            print(f"[{self.name}] {self.total} cases in {self._clock() - self._start:.0f} s",
+                  file=self._stream, flush=True)

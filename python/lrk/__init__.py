@@ -4,6 +4,7 @@ Every op is a PyTorch custom op, ``torch.ops.lrk.<name>``; importing lrk loads t
 native library and registers the ops' fake kernels and autograd formulas.
 """
 from . import _loader
+from ._version import __version__ as _base_version
 
 _loader.load()
 
@@ -36,7 +37,7 @@ from .sparse_ops import (  # noqa: E402
     sparse_grad_linear_csr,
 )
 
-__version__ = "0.1.0"
+__version__ = _loader.build_config().get("version") or _base_version
 __all__ = [
     "lora_fused", "dora_fused", "dora_weight_norm", "philox_dropout",
     "multi_lora_shrink", "multi_lora_shrink_segments", "multi_lora_expand_", "multi_lora_expand_segments_",

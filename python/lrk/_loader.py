@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import json
 import os
 import re
 import shutil
@@ -23,10 +24,53 @@ def library_path() -> str:
     return candidates[0]
 
 
+def build_config(directory: str | None = None) -> dict:
+    """What setup.py recorded next to the library (``_build.json``): the package
+    version, the torch (and its CUDA) it was compiled against; {} when absent (a
+    library built by hand with CMake)."""
+    directory = directory or os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(directory, "_build.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _release(version: str) -> tuple[str, ...]:
+    """'2.14.1+cu130' -> ('2', '14'): torch's C++ ABI is kept within a release line."""
+    return tuple(version.split("+", 1)[0].split(".")[:2])
+
+
+def torch_mismatch(config: dict, torch_version: str, torch_cuda: str | None) -> str | None:
+    """Why a library built as `config` says cannot load into this torch, or None.
+    A library for another torch release fails with undefined symbols (C++ ABI); one
+    with CUDA kernels needs a CUDA torch of the same CUDA major version."""
+    built = config.get("torch")
+    if not built:
+        return None
+    problem = None
+    if _release(built) != _release(torch_version):
+        problem = f"torch {built}, but torch {torch_version} is installed"
+    elif config.get("cuda") and not torch_cuda:
+        problem = f"torch {built} with CUDA {config.get('torch_cuda')}, but the installed torch {torch_version} has no CUDA"
+    elif config.get("cuda") and (config.get("torch_cuda") or "").split(".")[0] != torch_cuda.split(".")[0]:
+        problem = (f"torch {built} with CUDA {config.get('torch_cuda')}, but the installed torch "
+                   f"{torch_version} uses CUDA {torch_cuda}")
+    if problem is None:
+        return None
+    return (f"lrk {config.get('version', '')} was built for {problem}. Install the lrk wheel built for "
+            f"this torch (its version ends in +...torch{'.'.join(_release(torch_version))}) or rebuild lrk "
+            "against it from the source tree or sdist: pip install --no-build-isolation --no-deps "
+            "--force-reinstall <lrk source folder or lrk-*.tar.gz> (scripts/build_wheel.sh builds a wheel)")
+
+
 def load() -> str:
     global _LOADED
     if _LOADED is None:
         path = library_path()
+        problem = torch_mismatch(build_config(os.path.dirname(path)), torch.__version__, torch.version.cuda)
+        if problem:
+            raise ImportError(problem)
         torch.ops.load_library(path)
         _LOADED = path
     return _LOADED
@@ -94,6 +138,9 @@ def build_info(device_code: bool = True) -> dict:
     """What the loaded native library was built for:
 
     - ``library``: its path; ``cuda``: whether it has CUDA kernels;
+    - ``version``: the package version with its local tag (``0.1.0+cu130torch2.14``)
+      and ``torch``: the torch it was compiled against (None for a library built
+      without setup.py); importing lrk under another torch release fails;
     - ``cuda_arch_list``: ``LRK_CUDA_ARCH_LIST`` as built (``["8.0+PTX", "9.0a"]``;
       empty for a CPU-only library) and ``default_cuda_arch_list``, the source
       tree's default; ``nvcc``: the compiler version;
@@ -103,8 +150,11 @@ def build_info(device_code: bool = True) -> dict:
       is in ``ptx`` (JIT-compiled at first load)."""
     path = load()
     lib = ctypes.CDLL(path)  # the already loaded library: same handle
+    config = build_config(os.path.dirname(path))
     info = {
         "library": path,
+        "version": config.get("version"),
+        "torch": config.get("torch"),
         "cuda": has_cuda_kernels(),
         "cuda_arch_list": _split_archs(_c_string(lib, "lrk_build_cuda_arch_list")),
         "default_cuda_arch_list": _split_archs(_c_string(lib, "lrk_build_default_cuda_arch_list")),

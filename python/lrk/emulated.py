@@ -15,6 +15,10 @@ CUDA code::
     with emu.EmulatedCUDA():
         y = lrk.lora_fused(x, w, None, a, b, 2.0, 0.1, 0)   # CUDA kernels, emulated
 
+The emulated libraries are test artifacts, not part of a wheel: they are looked
+up in ``$LRK_EMU_LIBRARY_DIR`` (``scripts/test.sh`` builds them into
+``build/emu-lib``), else in this package's folder.
+
 An emulated pass is not a GPU run: timing, the overlap of asynchronous copies,
 the memory model across blocks and the Hopper (TMA/wgmma) kernels are not
 emulated.
@@ -22,6 +26,7 @@ emulated.
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import sysconfig
 
@@ -33,9 +38,17 @@ _loaded: dict[str, bool] = {}
 ORDERS = ("forward", "reverse", "shuffled")
 
 
+def library_dir() -> pathlib.Path:
+    """Where the emulated libraries are: $LRK_EMU_LIBRARY_DIR (the test scripts build
+    them outside the package, since they are test artifacts and no part of a wheel),
+    else this package's folder (a source-tree build)."""
+    given = os.environ.get("LRK_EMU_LIBRARY_DIR")
+    return pathlib.Path(given).resolve() if given else pathlib.Path(__file__).resolve().parent
+
+
 def library_path(sanitized: bool = False) -> pathlib.Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    return pathlib.Path(__file__).resolve().parent / (_NAMES[sanitized] + suffix)
+    return library_dir() / (_NAMES[sanitized] + suffix)
 
 
 def _built_for(sanitized: bool) -> str:
@@ -60,7 +73,8 @@ def load(sanitized: bool = False) -> None:
     path = library_path(sanitized)
     if not available(sanitized):
         raise RuntimeError(f"lrk.emulated: {path} is not built for torch {torch.__version__}; run "
-                           "scripts/build_emulated.sh" + (" --sanitize" if sanitized else ""))
+                           "scripts/build_emulated.sh" + (" --sanitize" if sanitized else "") +
+                           " (it writes to $LRK_EMU_LIBRARY_DIR, else python/lrk)")
     torch.ops.load_library(str(path))
     _loaded[name] = True
 

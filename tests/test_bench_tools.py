@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(PLOT), reason="no benchmarks/
 def _module(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

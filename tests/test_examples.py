@@ -1,7 +1,8 @@
-"""Smoke tests of examples/: each script runs as a user would run it (a subprocess
-on the installed lrk) for 3 steps and must finish with its own checks passed
-(each example compares against its plain-PyTorch/PEFT counterpart and exits
-nonzero on a mismatch)."""
+"""Smoke tests of examples/: every script runs as a user runs it (a separate
+process on the installed lrk, through examples/run_all.py so that the Hugging
+Face imports are paid once) for 3 steps and must pass its own checks (each
+example compares against its PEFT / AdamW / reloaded counterpart and fails on a
+mismatch)."""
 import importlib.util
 import os
 import subprocess
@@ -16,19 +17,35 @@ pytestmark = [
     pytest.mark.skipif(not os.path.isdir(EXAMPLES), reason="no examples/ beside the tests"),
     pytest.mark.skipif(bool(missing), reason=f"the examples need {missing} (scripts/test.sh installs them)"),
 ]
+SCRIPTS = {  # script -> a line of its report that only a finished run prints
+    "peft_lora_trainer.py": "largest loss difference",
+    "galore_trainer.py": "optimizer state: AdamW",
+    "sara_finetune.py": "reloaded vs trained",
+    "multi_lora_serving.py": "largest mismatch",
+}
 
 
-@pytest.mark.parametrize("script,expect", [
-    ("peft_lora_trainer.py", "largest loss difference"),
-    ("galore_trainer.py", "optimizer state: AdamW"),
-    ("sara_finetune.py", "reloaded vs trained"),
-    ("multi_lora_serving.py", "largest mismatch"),
-])
-def test_example_runs_and_checks_itself(script, expect, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("examples")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp / "hf"),
                TOKENIZERS_PARALLELISM="false")
     # On the CPU even with a GPU present: the smoke test checks the scripts, not the device.
-    run = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), "--max-steps", "3", "--device", "cpu"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"{script} failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    assert expect in run.stdout, run.stdout[-4000:]
+    run = subprocess.run([sys.executable, os.path.join(EXAMPLES, "run_all.py"), "--max-steps", "3", "--device", "cpu"],
+                         cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    return run
+
+
+def test_run_all_covers_every_example():
+    listed = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".py") and not f.startswith("_") and f != "run_all.py")
+    assert listed == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_example_runs_and_checks_itself(smoke_run, script):
+    out = smoke_run.stdout
+    start, end = out.find(f"=== {script} "), out.find(f"=== {script}: ")
+    assert 0 <= start < end, f"{script} did not finish:\n{out[-3000:]}\n{smoke_run.stderr[-3000:]}"
+    status = out[end:].splitlines()[0]
+    assert status.startswith(f"=== {script}: ok"), f"{status}\n{out[start:end][-3000:]}\n{smoke_run.stderr[-3000:]}"
+    assert SCRIPTS[script] in out[start:end], out[start:end][-3000:]

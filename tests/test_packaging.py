@@ -132,3 +132,23 @@ def test_sdist_carries_every_build_input(tmp_path):
     missing = sorted(tracked - members)
     assert not missing, f"tracked build inputs missing from the sdist: {missing}"
     assert not [m for m in members if m.endswith(".so") or m.endswith(".torch-version")], "built files in the sdist"
+
+
+def test_emulated_libraries_are_looked_up_outside_the_package(monkeypatch, tmp_path):
+    """The emulated libraries (test artifacts) come from LRK_EMU_LIBRARY_DIR when set,
+    else from the package folder; and only with a stamp naming this torch."""
+    import sysconfig
+
+    import lrk.emulated as emulated
+
+    monkeypatch.delenv("LRK_EMU_LIBRARY_DIR", raising=False)
+    assert emulated.library_dir() == __import__("pathlib").Path(PACKAGE).resolve()
+    monkeypatch.setenv("LRK_EMU_LIBRARY_DIR", str(tmp_path))
+    name = "_C_emu" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+    assert emulated.library_path() == tmp_path / name
+    assert not emulated.available()
+    (tmp_path / name).write_bytes(b"")
+    (tmp_path / "_C_emu.torch-version").write_text("0.0.1\n")
+    assert not emulated.available()          # built for another torch
+    (tmp_path / "_C_emu.torch-version").write_text(torch.__version__ + "\n")
+    assert emulated.available()

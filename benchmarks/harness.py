@@ -244,5 +244,6 @@ class Progress:
             yield case
             self.done += 1
         if self.done == self.total:
-            print(f"[{self.name}] {self.total} cases in {self._clock() - self._start:.0f} s",
+            print(f"[{self.name}] {self.total} case{'s' if self.total != 1 else ''} in "
+                  f"{self._clock() - self._start:.0f} s",
                   file=self._stream, flush=True)

@@ -49,9 +49,10 @@ def _torch():
 
 
 def _find_nvcc() -> str | None:
+    # CMakeLists.txt's order: CUDACXX, then the toolkit folder before the PATH.
     for cand in (os.environ.get("CUDACXX"),
                  os.path.join(os.environ.get("CUDA_HOME", "") or "/nonexistent", "bin", "nvcc"),
-                 shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+                 "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None

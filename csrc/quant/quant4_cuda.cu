@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/autocast.h"
 #include "common/cuda_utils.cuh"
 #include "quant/quant4_checks.h"
 #include "quant/quant4_cuda.h"
@@ -25,16 +26,15 @@ int log2_exact(int64_t v) {
 at::Tensor quant4_product(const at::Tensor& act, std::string_view act_name, const at::Tensor& packed,
                           const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize, int64_t out_features,
                           int64_t in_features, bool transposed) {
-  check_float_tensor(act, act_name);
+  LRK_NO_AUTOCAST();
   const Weight4bitDims d =
       check_weight_4bit(packed, absmax, code, blocksize, out_features, in_features, act, act_name);
   const int64_t reduction = transposed ? out_features : in_features;
   const int64_t output = transposed ? in_features : out_features;
-  TORCH_CHECK(act.dim() >= 1 && act.size(-1) == reduction, act_name, ": expected shape [..., ", reduction, "] (",
-              transposed ? "out_features" : "in_features", "), got ", act.sizes());
+  const int64_t M =
+      check_linear_4bit_input(act, act_name, reduction, transposed ? "out_features" : "in_features");
   TORCH_CHECK(cuda::on_kernel_device(act), act_name, ": expected a CUDA tensor, got one on ", act.device());
   const c10::cuda::CUDAGuard guard(act.device());
-  const int64_t M = act.numel() / reduction;
   at::Tensor out = at::empty({M, output}, act.options());
   if (M > 0) {
     Quant4Product p;

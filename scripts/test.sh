@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # PEFT (with transformers) is needed by the PEFT-integration and adapter-loading tests.
-LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft} . scripts/setup_env.sh
+LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft bitsandbytes} . scripts/setup_env.sh
 # The CUDA kernels also run on the CPU emulator (csrc/emu/README.md): the tests'
 # "emu" device. LRK_EMULATED: auto (default: when CUDA's headers are found),
 # 1 (required) or 0 (skip).

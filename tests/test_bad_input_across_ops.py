@@ -46,6 +46,12 @@ def _device_mix_cases():
         return qo.linear_4bit(torch.randn(4, 16, device=dev["x"]), torch.zeros(64, dtype=torch.uint8, device=dev["packed"]),
                               torch.ones(2, device=dev["absmax"]), torch.randn(16, device=dev["code"]), 64, 8, 16)
 
+    def qlora(dev):
+        w = qo.Weight4bit(torch.zeros(64, dtype=torch.uint8, device=dev["packed"]), torch.ones(2, device=dev["absmax"]),
+                          torch.randn(16, device=dev["code"]), 64, 8, 16)
+        return qo.qdora_fused(torch.randn(4, 16, device=dev["x"]), w, None, torch.randn(2, 16, device=dev["lora_a"]),
+                              torch.randn(8, 2, device=dev["lora_b"]), torch.ones(8, device=dev["magnitude"]))
+
     def dequantize_absmax(dev):
         return qo.dequantize_absmax(torch.zeros(4, dtype=torch.uint8, device=dev["absmax_q"]),
                                     torch.ones(1, device=dev["absmax2"]), torch.randn(256, device=dev["code2"]), 256, 0.0)
@@ -62,6 +68,7 @@ def _device_mix_cases():
         ("snella_linear", snella, ["lora_a", "kernel_params"]),
         ("galore_project", project, ["proj"]),
         ("linear_4bit", linear_4bit, ["packed", "absmax", "code"]),
+        ("qdora_fused", qlora, ["absmax", "lora_a", "lora_b", "magnitude"]),
         ("dequantize_absmax", dequantize_absmax, ["absmax2", "code2"]),
     ]
 

@@ -6,6 +6,7 @@
 // CUDA), float64 inputs in float64. Dequantized values are formed in float32
 // (code * absmax, as bitsandbytes does) and then widened, so a float64 tile
 // holds exactly the values of the float64 reference.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/autocast.h"
@@ -23,19 +24,45 @@ int64_t rows_per_tile(const Weight4bitDims& w) {
   return std::min(w.rows, std::max<int64_t>(16, kTileElements / w.cols));
 }
 
-// Dequantizes rows [row0, row0 + tile.size(0)) of W into tile (contiguous, [rows, cols]).
+// Dequantizes elements [begin, end) of the flattened W into out. Per block, a
+// 16-entry table of code * absmax (the same float32 product as elementwise),
+// then two table reads per byte.
+template <typename T>
+void dequantize_range(const uint8_t* packed, const float* absmax, const float* code, int64_t blocksize,
+                      int64_t begin, int64_t end, T* out) {
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t block = i / blocksize;
+    const int64_t stop = std::min(end, (block + 1) * blocksize);  // block ends are even: blocksize >= 32
+    float table[16];
+    for (int c = 0; c < 16; ++c) table[c] = code[c] * absmax[block];
+    T* o = out + (i - begin);
+    if (i & 1) {  // a range that starts on a low nibble (odd in_features)
+      *o++ = static_cast<T>(table[packed[i >> 1] & 15]);
+      ++i;
+    }
+    for (; i + 1 < stop; i += 2, o += 2) {
+      const uint8_t byte = packed[i >> 1];
+      o[0] = static_cast<T>(table[byte >> 4]);
+      o[1] = static_cast<T>(table[byte & 15]);
+    }
+    if (i < stop) {  // a range that ends on a high nibble
+      *o = static_cast<T>(table[packed[i >> 1] >> 4]);
+      ++i;
+    }
+  }
+}
+
+// Dequantizes rows [row0, row0 + tile.size(0)) of W into tile (contiguous, [rows, cols]),
+// rows split across threads.
 template <typename T>
 void dequantize_rows(const uint8_t* packed, const float* absmax, const float* code, const Weight4bitDims& w,
                      int64_t row0, at::Tensor& tile) {
   T* out = tile.data_ptr<T>();
-  const int64_t begin = row0 * w.cols;
-  const int64_t end = begin + tile.size(0) * w.cols;
-  for (int64_t i = begin; i < end; ++i) {
-    const uint8_t byte = packed[i >> 1];
-    const uint8_t nibble = (i & 1) ? (byte & 15) : (byte >> 4);
-    const float value = code[nibble] * absmax[i / w.blocksize];
-    out[i - begin] = static_cast<T>(value);
-  }
+  const int64_t cols = w.cols;
+  at::parallel_for(0, tile.size(0), std::max<int64_t>(1, 16384 / cols), [&](int64_t r0, int64_t r1) {
+    dequantize_range<T>(packed, absmax, code, w.blocksize, (row0 + r0) * cols, (row0 + r1) * cols, out + r0 * cols);
+  });
 }
 
 // Calls body(row0, tile) for each tile of dequantized rows of W, in dtype acc.

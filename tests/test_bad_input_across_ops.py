@@ -104,6 +104,11 @@ def test_device_mix_names_the_argument(op, fn, arg):
         (lambda: go.philox_normal_(torch.zeros(4, dtype=torch.int64), 0), "out"),
         (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 3), "linear", 0.5), "lora_b: expected size 4 in dim 1"),
         (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 4), "linear", 1.5), "sparsity"),
+        (lambda: torch.ops.lrk.weight_4bit_sq_norm(torch.zeros(64, dtype=torch.uint8), torch.ones(3),
+                                                   torch.randn(16), 64, 8, 16), "absmax: expected shape \\[2\\]"),
+        (lambda: qo.qlora_fused(torch.randn(4, 16), qo.Weight4bit(torch.zeros(64, dtype=torch.uint8), torch.ones(2),
+                                                                  torch.randn(16), 64, 8, 16),
+                                None, torch.randn(2, 16), torch.randn(9, 2)), "lora_b: expected size 8 in dim 0"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

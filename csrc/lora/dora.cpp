@@ -15,6 +15,7 @@
 
 #include "common/autocast.h"
 #include "lora/dora_grad.h"
+#include "lora/dora_norm.h"
 #ifdef LRK_WITH_CUDA
 #include "lora/lora_cuda.h"
 #endif
@@ -30,16 +31,6 @@ using LoraBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tenso
                                                                  const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const at::Tensor&, double,
                                                                  double, int64_t, bool);
-
-void check_magnitude(const at::Tensor& magnitude, const at::Tensor& x, int64_t N) {
-  check_float_tensor(magnitude, "magnitude");
-  check_same_device(magnitude, "magnitude", x, "x");
-  TORCH_CHECK(magnitude.scalar_type() == x.scalar_type() || magnitude.scalar_type() == at::kFloat,
-              "magnitude: expected dtype ", x.scalar_type(), " (the dtype of x) or float32, got ",
-              magnitude.scalar_type());
-  check_dim(magnitude, "magnitude", 1);
-  check_size(magnitude, "magnitude", 0, N, "out_features = weight.shape[0]");
-}
 
 // Norms and g are computed in float32, or float64 for float64 weights.
 at::ScalarType norm_dtype(const at::Tensor& weight) {
@@ -90,10 +81,7 @@ at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_a, 
                              : at::linalg_vector_norm(weight, 2, {1}, false, acc).square();
   const at::Tensor a = lora_a.to(acc);
   const at::Tensor b = lora_b.to(acc);
-  const at::Tensor aw = lora_a_weight_t(lora_a, weight, acc);            // [r, N]
-  const at::Tensor cross = (b * aw.t()).sum(1);                          // B_n . (A W^T)[:, n]
-  const at::Tensor quad = (at::mm(b, at::mm(a, a.t())) * b).sum(1);      // B_n (A A^T) B_n^T
-  return (wsq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min(0.0).sqrt();
+  return dora_norm_from_parts(wsq, lora_a_weight_t(lora_a, weight, acc), a, b, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_fwd(
@@ -102,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_fwd(
     const std::optional<at::Tensor>& weight_sq_norm) {
   LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
-  check_magnitude(magnitude, x, d.N);
+  check_dora_magnitude(magnitude, x, d.N);
   static auto lora_fwd =
       c10::Dispatcher::singleton().findSchemaOrThrow("lrk::lora_fused_fwd", "").typed<LoraFwdFn>();
   const at::Tensor norm = dora_weight_norm(weight, lora_a, lora_b, scale, weight_sq_norm);
@@ -132,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_fused_bwd(
     const at::Tensor& weight_norm, double scale, double dropout_p, int64_t seed, bool need_grad_x) {
   LRK_NO_AUTOCAST();
   const LoraDims d = check_lora_bwd_inputs(grad_y, x, weight, lora_a, lora_b, h, scale, dropout_p);
-  check_magnitude(magnitude, x, d.N);
+  check_dora_magnitude(magnitude, x, d.N);
   TORCH_CHECK(weight_norm.scalar_type() == norm_dtype(weight) && weight_norm.dim() == 1 && weight_norm.size(0) == d.N,
               "weight_norm: expected a ", norm_dtype(weight), " tensor of shape [", d.N, "], got ",
               weight_norm.scalar_type(), " ", weight_norm.sizes());

@@ -15,6 +15,8 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include "common/autograd_util.h"
+
 namespace lrk {
 namespace {
 
@@ -38,11 +40,6 @@ using DoraBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt, bool);
 using DropoutFn = at::Tensor(const at::Tensor&, double, c10::SymInt);
 
-template <class Fn>
-c10::TypedOperatorHandle<Fn> lrk_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
 // Autograd's edge indices count only the tensor arguments that are present:
 // an absent bias shifts the ones after it.
 struct InputEdges {
@@ -50,32 +47,6 @@ struct InputEdges {
   explicit InputEdges(bool has_bias)
       : bias(2), lora_a(has_bias ? 3 : 2), lora_b(lora_a + 1), magnitude(lora_b + 1) {}
 };
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-// [..., n] -> [rows, n], with symbolic sizes under torch.compile.
-at::Tensor rows_of(const at::Tensor& t, const c10::SymInt& n) { return t.reshape_symint({-1, n}); }
-
-// lora_fused_bwd and dora_fused_bwd have no derivative of their own, so backward
-// runs without grad mode; under create_graph=True the gradients get a node that
-// raises when differentiated (like @once_differentiable, but linked to the
-// tensors they depend on, so that a second derivative reaches it instead of
-// coming out as "unused", i.e. silently zero).
-variable_list once_differentiable(variable_list grads, const variable_list& depends_on, bool create_graph,
-                                  const char* op) {
-  if (!create_graph) return grads;
-  const at::AutoGradMode enable_grad(true);
-  if (!torch::autograd::compute_requires_grad(depends_on)) return grads;
-  auto error = c10::make_intrusive<torch::autograd::Error>(std::string(op) + ": double backward is not supported",
-                                                        torch::autograd::collect_next_edges(depends_on));
-  for (auto& g : grads) {
-    if (g.defined()) {
-      g = g.detach();
-      torch::autograd::create_gradient_edge(g, error);
-    }
-  }
-  return grads;
-}
 
 void save_scalars(AutogradContext* ctx, double scale, double dropout_p, const c10::SymInt& seed, bool has_bias) {
   ctx->saved_data["scale"] = scale;

@@ -68,4 +68,15 @@ inline LoraDims check_lora_bwd_inputs(const at::Tensor& grad_y, const at::Tensor
   return d;
 }
 
+// DoRA's magnitude [N]: x's dtype or float32, on x's device.
+inline void check_dora_magnitude(const at::Tensor& magnitude, const at::Tensor& x, int64_t N) {
+  check_float_tensor(magnitude, "magnitude");
+  check_same_device(magnitude, "magnitude", x, "x");
+  TORCH_CHECK(magnitude.scalar_type() == x.scalar_type() || magnitude.scalar_type() == at::kFloat,
+              "magnitude: expected dtype ", x.scalar_type(), " (the dtype of x) or float32, got ",
+              magnitude.scalar_type());
+  check_dim(magnitude, "magnitude", 1);
+  check_size(magnitude, "magnitude", 0, N, "out_features = weight.shape[0]");
+}
+
 }  // namespace lrk

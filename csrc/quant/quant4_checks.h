@@ -75,4 +75,13 @@ inline void check_absmax_8bit(const at::Tensor& absmax_q, const at::Tensor& absm
   check_same_device(code2, "code2", absmax_q, "absmax_q");
 }
 
+// x (or grad_y) of a 4-bit linear: a float tensor [..., last] on the weight's device.
+inline int64_t check_linear_4bit_input(const at::Tensor& x, std::string_view name, int64_t last,
+                                       std::string_view what) {
+  check_float_tensor(x, name);
+  TORCH_CHECK(x.dim() >= 1, name, ": expected a tensor of shape [..., ", last, "], got a 0-D tensor");
+  TORCH_CHECK(x.size(-1) == last, name, ": expected shape [..., ", last, "] (", what, "), got ", x.sizes());
+  return x.numel() / last;
+}
+
 }  // namespace lrk

@@ -9,7 +9,7 @@ from ._version import __version__ as _base_version
 _loader.load()
 
 from . import ops, reference  # noqa: E402  (registers fakes and autograd)
-from . import galore_ops, kron_ops, kron_select, multi_lora_ops, quant_ops, sparse_ops  # noqa: E402
+from . import galore_ops, kron_ops, kron_select, multi_lora_ops, quant_ops, quantize, sparse_ops  # noqa: E402
 from . import reference_galore, reference_kron, reference_multi_lora, reference_quant, reference_sparse  # noqa: E402
 from . import nn, optim  # noqa: E402
 from ._loader import build_info, has_cuda_kernels  # noqa: E402
@@ -22,6 +22,8 @@ from .multi_lora_ops import (  # noqa: E402
 )
 from .ops import dora_fused, dora_weight_norm, lora_fused, philox_dropout  # noqa: E402
 from .kron_ops import KronFactors, kpsvd, kron_dense, kron_linear  # noqa: E402
+from .quant_ops import Weight4bit, qdora_fused, qlora_fused  # noqa: E402
+from .quantize import quantize_4bit  # noqa: E402
 from .optim import GaLoreAdamW  # noqa: E402
 from .sparse_ops import (  # noqa: E402
     abs_kth_value,
@@ -39,7 +41,7 @@ from .sparse_ops import (  # noqa: E402
 
 __version__ = _loader.build_config().get("version") or _base_version
 __all__ = [
-    "lora_fused", "dora_fused", "dora_weight_norm", "philox_dropout",
+    "lora_fused", "dora_fused", "dora_weight_norm", "philox_dropout", "qlora_fused", "qdora_fused", "Weight4bit", "quantize_4bit",
     "multi_lora_shrink", "multi_lora_shrink_segments", "multi_lora_expand_", "multi_lora_expand_segments_",
     "add_multi_lora_", "GaLoreAdamW", "kron_linear", "kron_dense", "kpsvd", "KronFactors",
     "sddmm_block", "sddmm_csr", "abs_kth_value", "abs_topk_mask", "block_scores", "sparse_grad_linear_block",

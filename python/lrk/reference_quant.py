@@ -48,3 +48,21 @@ def linear_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, code:
     """``grad_y @ W`` in grad_y's dtype."""
     w = dequantize_4bit(packed, absmax, code, blocksize, out_features, in_features, grad_y.dtype)
     return grad_y @ w
+
+
+def qlora_fused(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+                in_features: int, bias, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0, dropout_p: float = 0.0,
+                seed: int = 0) -> Tensor:
+    """lora_fused over the dequantized W (in x's dtype; W gets no gradient)."""
+    from . import reference
+    w = dequantize_4bit(packed, absmax, code, blocksize, out_features, in_features, x.dtype)
+    return reference.lora_fused(x, w, bias, lora_a, lora_b, scale, dropout_p, seed)
+
+
+def qdora_fused(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+                in_features: int, bias, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, scale: float = 1.0,
+                dropout_p: float = 0.0, seed: int = 0) -> Tensor:
+    """dora_fused over the dequantized W (the norm a constant in backward, as there)."""
+    from . import reference
+    w = dequantize_4bit(packed, absmax, code, blocksize, out_features, in_features, x.dtype)
+    return reference.dora_fused(x, w, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)

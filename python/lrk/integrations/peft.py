@@ -16,6 +16,15 @@ Differences from PEFT's path, both deliberate:
   the dropped input. With dropout 0, or in eval mode, the two agree.
 Adapter weights in another dtype than the base (PEFT keeps bf16 models' adapters
 in fp32 by default) are computed in the base's dtype (or the autocast dtype).
+
+QLoRA / QDoRA: PEFT's ``lora.bnb.Linear4bit`` (or its plain ``Linear``) over a
+``bitsandbytes.nn.Linear4bit``
+(NF4 / FP4, plain or double-quantized absmax) runs through ``qlora_fused`` /
+``qdora_fused`` on bitsandbytes' own storage: the packed weight and its
+``quant_state`` (absmax, code, blocksize, shape, nested state2 and offset) are
+read on every call, never copied or dequantized in full. The layer computes in
+the base's ``compute_dtype`` (bitsandbytes' own rule for the base product; PEFT
+runs the LoRA branch in the adapter's dtype instead) and returns x's dtype.
 """
 from __future__ import annotations
 
@@ -34,6 +43,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("lrk.integrations.peft needs PEFT (pip install peft)") from exc
 
 from ..nn import lora as _lora
+from ..quant_ops import Weight4bit
+
+try:  # PEFT defines its 4-bit LoRA layer only when bitsandbytes is installed
+    import bitsandbytes as _bnb
+    from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - depends on the environment
+    _bnb = None
+    _PeftLinear4bit = None
 
 __all__ = ["accelerate", "restore", "is_accelerated"]
 
@@ -42,14 +59,21 @@ _HAS_DORA_OP = hasattr(torch.ops.lrk, "dora_fused")
 
 def _unsupported_reason(layer: nn.Module) -> Optional[str]:
     """Why this LoRA layer can't take lrk's path (None if it can). Checked once, at accelerate()."""
-    if type(layer) is not _PeftLinear:
+    # PEFT wraps a bitsandbytes base in its lora.bnb.Linear4bit for models flagged
+    # is_loaded_in_4bit (transformers' BitsAndBytesConfig), in its plain Linear otherwise.
+    quantized = _bnb is not None and type(getattr(layer, "base_layer", None)) is _bnb.nn.Linear4bit
+    if type(layer) is not _PeftLinear and not (quantized and type(layer) is _PeftLinear4bit):
         return f"layer type {type(layer).__name__}"
     if "forward" in layer.__dict__:
         return "forward already replaced on the instance (hooks?)"
     base = layer.base_layer
-    if type(base) is not nn.Linear:
+    if quantized:
+        reason = _bnb_base_unsupported_reason(base)
+        if reason is not None:
+            return reason
+    elif type(base) is not nn.Linear:
         return f"base layer type {type(base).__name__}"
-    if type(base.weight) not in (nn.Parameter, torch.Tensor) or not base.weight.is_floating_point():
+    elif type(base.weight) not in (nn.Parameter, torch.Tensor) or not base.weight.is_floating_point():
         return "quantized or tensor-subclass base weight"
     if layer.fan_in_fan_out:
         return "fan_in_fan_out"
@@ -58,6 +82,39 @@ def _unsupported_reason(layer: nn.Module) -> Optional[str]:
         if reason is not None:
             return f"adapter {name!r}: {reason}"
     return None
+
+
+def _bnb_base_unsupported_reason(base: nn.Module) -> Optional[str]:
+    if type(base) is not _bnb.nn.Linear4bit:
+        return f"base layer type {type(base).__name__}"
+    state = getattr(base.weight, "quant_state", None)
+    if not getattr(base.weight, "bnb_quantized", False) or state is None:
+        return "4-bit weight not quantized yet (bitsandbytes quantizes it when the model moves to its device)"
+    if state.quant_type not in ("nf4", "fp4"):
+        return f"4-bit quant_type {state.quant_type!r}"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "bitsandbytes' repacked CPU inference layout"
+    return None
+
+
+def _weight_4bit(base: nn.Module) -> Weight4bit:
+    """bitsandbytes' storage of a Linear4bit as lrk's Weight4bit (its own tensors), read
+    on every call so that a changed quant_state is what the op sees and checks."""
+    data = base.weight.data
+    packed = data if data.dtype == torch.uint8 else data.reshape(-1).view(torch.uint8)  # quant_storage
+    return Weight4bit.from_bnb(packed, base.weight.quant_state)
+
+
+def _cached_sq_norm(layer: nn.Module, weight: Weight4bit) -> torch.Tensor:
+    """DoRA's ||W_n||^2 of the frozen 4-bit base, cached on the layer; recomputed
+    when the storage or the quant state it came from changes."""
+    key = (weight.packed.data_ptr(), weight.packed._version, weight.absmax.data_ptr(), weight.absmax._version,
+           weight.shape, weight.blocksize, weight.offset)
+    cached = layer.__dict__.get("_lrk_sq_norm")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.sq_norm())
+        layer.__dict__["_lrk_sq_norm"] = cached
+    return cached[1]
 
 
 def _adapter_unsupported_reason(layer: nn.Module, name: str) -> Optional[str]:
@@ -102,7 +159,10 @@ def _fast_path_operands(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
     device = w.device
     if not x.is_floating_point() or x.device != device:
         return None
-    if x.dtype != w.dtype and not torch.is_autocast_enabled(device.type):
+    quantized = _bnb is not None and type(base) is _bnb.nn.Linear4bit
+    if quantized and getattr(w.quant_state, "packing_format_for_cpu", False):
+        return None  # bitsandbytes repacked it for its CPU inference kernel (another layout)
+    if x.dtype != w.dtype and not quantized and not torch.is_autocast_enabled(device.type):
         return None  # F.linear would reject it too: let PEFT's path say so
     lora_a, lora_b = lora_a_modules[name].weight, layer.lora_B[name].weight
     magnitudes = layer.lora_magnitude_vector
@@ -120,6 +180,12 @@ def _lrk_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base, lora_a, lora_b, magnitude, dropout, scale = operands
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     seed = _lora.fresh_seed() if p > 0.0 else 0
+    if _bnb is not None and type(base) is _bnb.nn.Linear4bit:
+        weight = _weight_4bit(base)
+        sq_norm = _cached_sq_norm(self, weight) if magnitude is not None else None
+        y = _lora.quantized_adapter_forward(x, weight, base.bias, lora_a, lora_b, magnitude, scale, p, seed,
+                                            base.compute_dtype or x.dtype, sq_norm)
+        return y if y.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
     return _lora.adapter_forward(x, base.weight, base.bias, lora_a, lora_b, magnitude, scale, p, seed)
 
 
@@ -132,9 +198,10 @@ def accelerate(peft_model: nn.Module) -> list[str]:
     """Route every eligible PEFT LoRA/DoRA Linear layer of ``peft_model`` through lrk.
 
     Eligible: exactly ``peft.tuners.lora.layer.Linear`` over a plain ``nn.Linear``
-    with a floating-point weight, not fan_in_fan_out, every adapter plain LoRA or
+    with a floating-point weight, or it or ``peft.tuners.lora.bnb.Linear4bit`` over a
+    quantized ``bitsandbytes.nn.Linear4bit`` (NF4 / FP4), not fan_in_fan_out, every adapter plain LoRA or
     DoRA without lora_bias, dropout nn.Dropout or nn.Identity. Other LoRA layers
-    (Embedding, Conv, quantized bases, other variants ...) keep PEFT's forward and
+    (Embedding, Conv, 8-bit bases, other variants ...) keep PEFT's forward and
     are named in one warning. At call time the layer falls back to PEFT's forward
     when merged, disabled, with several active adapters, or given extra arguments.
 

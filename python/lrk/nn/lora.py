@@ -7,6 +7,7 @@ that weights move between the two by renaming keys only. ``adapter_forward`` and
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -14,9 +15,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..quant_ops import Weight4bit, qdora_fused, qlora_fused
 from ._targets import BaseLayerView, check_targets, find_targets, replace_targets
+from .linear4bit import Linear4bit
 
-__all__ = ["LoRALinear", "apply_lora", "adapter_forward", "fresh_seed"]
+__all__ = ["LoRALinear", "apply_lora", "adapter_forward", "quantized_adapter_forward", "fresh_seed"]
 
 
 def fresh_seed() -> int:
@@ -69,6 +72,29 @@ def _fused(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
                                     float(dropout_p), int(seed))
 
 
+def quantized_adapter_forward(x: Tensor, weight: Weight4bit, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                              magnitude: Optional[Tensor], scale: float, dropout_p: float, seed: int,
+                              compute_dtype: torch.dtype, weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """``adapter_forward`` over a frozen 4-bit base (QLoRA / QDoRA): x, bias and the
+    adapter run in ``compute_dtype`` (or the autocast dtype), W stays in 4 bits.
+    ``weight_sq_norm`` (DoRA, ``weight.sq_norm()``) may be cached by the caller."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = compute_dtype
+    if autocast and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    x, bias, lora_a, lora_b = cast(x), cast(bias), cast(lora_a), cast(lora_b)
+    if magnitude is not None and not (dtype in (torch.bfloat16, torch.float16) and magnitude.dtype == torch.float32):
+        magnitude = cast(magnitude)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        if magnitude is None:
+            return qlora_fused(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        return qdora_fused(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, weight_sq_norm)
+
+
 class LoRALinear(BaseLayerView, nn.Module):
     """``y = base(x) + s * (dropout(x) @ A^T) @ B^T`` on a frozen ``nn.Linear``;
     with ``use_dora=True``: ``y = g * (x @ W^T + s * (dropout(x) @ A^T) @ B^T) + bias``,
@@ -88,6 +114,11 @@ class LoRALinear(BaseLayerView, nn.Module):
     ``merge()`` folds the adapter into ``base_layer.weight`` (for inference: while
     merged, forward is the base layer alone and the adapter gets no gradient);
     ``unmerge()`` takes it out again.
+
+    QLoRA / QDoRA: ``base`` may be a frozen 4-bit ``lrk.nn.Linear4bit``
+    (``LoRALinear.from_linear(linear, r, quantize="nf4")`` builds one); the adapter
+    then lives in the base's compute dtype and runs through ``qlora_fused`` /
+    ``qdora_fused`` (W never dequantized in full). Such a layer cannot merge.
     """
 
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -96,7 +127,9 @@ class LoRALinear(BaseLayerView, nn.Module):
         super().__init__()
         _check_arguments(base, r, lora_alpha, lora_dropout, init_lora_weights)
         self.base_layer = base
-        base.weight.requires_grad_(False)
+        self.quantized = isinstance(base, Linear4bit)
+        if not self.quantized:
+            base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
         self.r = int(r)
@@ -105,17 +138,27 @@ class LoRALinear(BaseLayerView, nn.Module):
         self.use_rslora = bool(use_rslora)
         self.use_dora = bool(use_dora)
         self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dtype = base.compute_dtype if self.quantized else base.weight.dtype
+        factory = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, **factory))
         self._init_adapter(init_lora_weights)
         if self.use_dora:
             # PEFT's init: the norm of W + s*B@A, which is ||W|| for a zero B.
-            self.lora_magnitude_vector = nn.Parameter(self._adapted_row_norm().to(base.weight.dtype))
+            self.lora_magnitude_vector = nn.Parameter(self._adapted_row_norm().to(dtype))
         else:
             self.register_parameter("lora_magnitude_vector", None)
         self._merged = False
         self._merged_norm: Optional[Tensor] = None  # DoRA: the norm merge() used, needed to unmerge
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, quantize: Optional[str] = None, blocksize: int = 64,
+                    double_quant: bool = False, **kwargs) -> "LoRALinear":
+        """A LoRALinear on ``linear``, or with ``quantize="nf4"`` / ``"fp4"`` on a 4-bit
+        copy of it (``Linear4bit.from_linear``: QLoRA, or QDoRA with use_dora=True)."""
+        if quantize is not None:
+            linear = Linear4bit.from_linear(linear, quantize, blocksize, double_quant)
+        return cls(linear, r, **kwargs)
 
     @torch.no_grad()
     def _init_adapter(self, init_lora_weights: Union[bool, str]) -> None:
@@ -135,6 +178,11 @@ class LoRALinear(BaseLayerView, nn.Module):
             return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
         seed = fresh_seed() if p > 0.0 else 0  # no RNG draw in eval mode
+        if self.quantized:
+            base = self.base_layer
+            return quantized_adapter_forward(x, base.weight4bit, base.bias, self.lora_A, self.lora_B,
+                                             self.lora_magnitude_vector, self.scaling, p, seed, base.compute_dtype,
+                                             base.weight_sq_norm() if self.use_dora else None)
         return adapter_forward(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                                self.lora_magnitude_vector, self.scaling, p, seed)
 
@@ -146,6 +194,13 @@ class LoRALinear(BaseLayerView, nn.Module):
         return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
 
     def _adapted_row_norm(self) -> Tensor:
+        if self.quantized:  # ||W + s*B@A|| from qdora's forward on no tokens: W stays in 4 bits
+            base = self.base_layer
+            x = self.lora_A.new_empty((0, self.in_features))
+            w, nested = base.weight4bit.op_args(), base.weight4bit.nested_args()
+            return torch.ops.lrk.qdora_fused_fwd(x, *w, None, self.lora_A.detach(), self.lora_B.detach(),
+                                                 self.lora_A.new_ones(self.out_features), self.scaling, 0.0, 0,
+                                                 base.weight_sq_norm(), *nested)[3]
         w = self.base_layer.weight.detach()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         return torch.linalg.vector_norm(w.to(acc) + self._delta_weight(), dim=1)
@@ -154,6 +209,9 @@ class LoRALinear(BaseLayerView, nn.Module):
     def merge(self) -> None:
         """Fold the adapter into base_layer.weight: W + s*B@A, or for DoRA
         g * (W + s*B@A) with the current g. A no-op (with a warning) when merged."""
+        if self.quantized:
+            raise ValueError("LoRALinear.merge(): the base is a 4-bit Linear4bit; merging would requantize it "
+                             "(dequantize the base into an nn.Linear first)")
         if self._merged:
             warnings.warn("LoRALinear.merge(): already merged, nothing to do")
             return
@@ -187,13 +245,14 @@ class LoRALinear(BaseLayerView, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:.4g}, lora_dropout={self.lora_dropout:g}, "
-                f"use_rslora={self.use_rslora}, use_dora={self.use_dora}, merged={self._merged}")
+                f"use_rslora={self.use_rslora}, use_dora={self.use_dora}, merged={self._merged}"
+                + (", quantized base" if self.quantized else ""))
 
 
 def _check_arguments(base, r, lora_alpha, lora_dropout, init_lora_weights) -> None:
-    if not isinstance(base, nn.Linear):
-        raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
-    if not base.weight.is_floating_point():
+    if not isinstance(base, (nn.Linear, Linear4bit)):
+        raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__} (or a 4-bit lrk.nn.Linear4bit)")
+    if isinstance(base, nn.Linear) and not base.weight.is_floating_point():
         raise ValueError(f"base: expected a floating-point weight, got {base.weight.dtype} "
                          "(quantized layers are not supported)")
     if isinstance(r, bool) or not isinstance(r, int):

@@ -9,6 +9,7 @@ from lrk import galore_ops as go
 from lrk import kron_ops as ko
 from lrk import multi_lora_ops as mlo
 from lrk import sparse_ops as sp
+from lrk import spectral_ops as so
 from conftest import CUDA_SKIP
 
 
@@ -44,7 +45,27 @@ def _device_mix_cases():
     def project(dev):
         return go.project(torch.randn(4, 6, device=dev["grad"]), torch.randn(4, 2, device=dev["proj"]), True)
 
+    def sketch(dev):
+        return so.sketch_update(torch.zeros(6, 3, device=dev["y"]), torch.zeros(4, 7, device=dev["z"]),
+                                torch.randn(2, 6, device=dev["grad_out"]), torch.randn(2, 4, device=dev["x"]),
+                                torch.randn(4, 3, device=dev["omega"]), torch.randn(6, 7, device=dev["psi"]))
+
+    def gram(dev):
+        return so.gram_sketch_update(torch.zeros(4, 2, device=dev["y"]), torch.randn(3, 4, device=dev["x"]),
+                                     torch.randn(4, 2, device=dev["omega"]))
+
+    def sketch_svd(dev):
+        return so.sketch_svd(torch.randn(6, 3, device=dev["y"]), torch.randn(4, 7, device=dev["z"]),
+                             torch.randn(6, 7, device=dev["psi"]), 2)
+
+    def nystrom(dev):
+        return so.nystrom_eigh(torch.randn(4, 2, device=dev["y"]), torch.randn(4, 2, device=dev["omega"]), 1)
+
     return [
+        ("sketch_update", sketch, ["y", "z", "grad_out", "omega", "psi"]),
+        ("gram_sketch_update", gram, ["y", "omega"]),
+        ("sketch_svd", sketch_svd, ["z", "psi"]),
+        ("nystrom_eigh", nystrom, ["omega"]),
         ("lora_fused", lora, ["weight", "lora_a", "lora_b"]),
         ("dora_fused", dora, ["magnitude"]),
         ("kron_linear", kron, ["u", "v"]),
@@ -63,7 +84,8 @@ CASES = [(op, fn, arg) for op, fn, args in _device_mix_cases() for arg in args]
 @pytest.mark.parametrize("op,fn,arg", CASES, ids=[f"{op}-{arg}" for op, _, arg in CASES])
 def test_device_mix_names_the_argument(op, fn, arg):
     dev = {name: "cuda" for name in ("x", "weight", "lora_a", "lora_b", "magnitude", "u", "v", "ranks", "adapter_ids",
-                                     "grad_y", "block_indices", "grad", "proj", "kernel_params")}
+                                     "grad_y", "block_indices", "grad", "proj", "kernel_params", "y", "z",
+                                     "grad_out", "omega", "psi")}
     dev[arg] = "cpu"
     with pytest.raises(RuntimeError, match=arg):
         fn(dev)
@@ -85,6 +107,14 @@ def test_device_mix_names_the_argument(op, fn, arg):
         (lambda: go.philox_normal_(torch.zeros(4, dtype=torch.int64), 0), "out"),
         (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 3), "linear", 0.5), "lora_b: expected size 4 in dim 1"),
         (lambda: sp.snell_delta(torch.randn(12, 4), torch.randn(16, 4), "linear", 1.5), "sparsity"),
+        (lambda: so.truncated_svd(torch.randn(6, 4), 5), r"rank: expected 1 <= rank <= min\(a.shape\) = 4"),
+        (lambda: so.truncated_svd(torch.randn(6, 4), 2, "svd"), "method"),
+        (lambda: so.sketch_update(torch.zeros(6, 3), torch.zeros(4, 7), torch.randn(2, 6), torch.randn(2, 4),
+                                  torch.randn(4, 2), torch.randn(6, 7)), "y: expected size 2 in dim 1"),
+        (lambda: so.gram_sketch_update(torch.zeros(5, 2), torch.randn(3, 4), torch.randn(4, 2)),
+         "y: expected size 4 in dim 0"),
+        (lambda: so.sketch_svd(torch.randn(6, 3), torch.randn(4, 7), torch.randn(6, 7), 4), "rank"),
+        (lambda: so.nystrom_eigh(torch.randn(4, 2), torch.randn(4, 2), 3), "rank"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

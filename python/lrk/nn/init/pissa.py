@@ -34,7 +34,7 @@ def pissa_layer_(view: AdapterView, method: str = "randomized", oversample: int 
     root = (sv / s).sqrt()
     a = root.unsqueeze(1) * vh
     b = u * root.unsqueeze(0)
-    view.set_weight(w - s * (b @ a))
+    view.set_weight(torch.addmm(w, b, a, alpha=-s))  # W - s * B @ A in one pass over W
     view.set_adapter(a, b)
 
 

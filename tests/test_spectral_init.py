@@ -321,3 +321,20 @@ def test_eva_bad_input():
         li.eva_(pm, eva_data(n=2), rho=20.0)
     with pytest.raises(ValueError, match="rho"):
         li.eva_(pm, eva_data(n=2), rho=0.5)
+
+
+def test_eva_early_exit_changes_nothing_but_the_work():
+    base, data = Encoder(), eva_data()
+    results = []
+    for early_exit in (False, True):
+        model = copy.deepcopy(base)
+        for name in ("q", "k", "v", "o", "ff"):
+            setattr(model, name, LoRALinear(getattr(model, name), r=3, lora_alpha=6))
+        calls = []
+        model.ff.register_forward_hook(lambda m, a, o: calls.append(1))
+        ranks = li.eva_(model, data, early_exit=early_exit)
+        results.append((ranks, {n: m.lora_A.detach().clone() for n, m in model.named_children()
+                                if isinstance(m, LoRALinear)}, len(calls)))
+    (r0, a0, c0), (r1, a1, c1) = results
+    assert r0 == r1 and all(torch.equal(a0[n], a1[n]) for n in a0)
+    assert c1 < c0  # ff runs last: skipped once it has converged and an earlier layer has not

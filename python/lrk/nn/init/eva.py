@@ -115,8 +115,8 @@ def eva_(model: nn.Module, dataloader: Iterable, *, rho: Optional[float] = None,
          whiten: Optional[bool] = None, adjust_scaling_factors: Optional[bool] = None,
          use_label_mask: Optional[bool] = None, label_mask_value: int = -100, sketch: Optional[int] = None,
          forward_fn: Optional[Callable] = None, prepare_layer_inputs_fn: Optional[Callable] = None,
-         max_batches: Optional[int] = None, seed: int = 0, adapter_name: str = "default",
-         targets: Optional[Iterable[str]] = None) -> dict[str, int]:
+         max_batches: Optional[int] = None, early_exit: bool = True, seed: int = 0,
+         adapter_name: str = "default", targets: Optional[Iterable[str]] = None) -> dict[str, int]:
     """EVA-initialise the LoRA layers of ``model`` from the batches of ``dataloader``
     (cycled until every layer's components have converged, or ``max_batches``).
 
@@ -128,6 +128,12 @@ def eva_(model: nn.Module, dataloader: Iterable, *, rho: Optional[float] = None,
     defaults are PEFT's (rho 2, tau 0.99, no whitening, adjusted scaling); a
     layer's rank, alpha and scaling change in place, and a layer given rank 0
     becomes its base nn.Linear again.
+
+    ``early_exit``: once the layers run after the last unconverged one (in the
+    first pass's call order) have all converged, each forward pass stops there
+    (an exception from that layer's hook, caught here): only the model's outputs
+    are skipped, which EVA does not use. Turn it off if ``forward_fn`` needs the
+    whole pass (a model whose layers run in a data-dependent order).
 
     ``sketch``: columns of each layer's range finder (default 4 * round(r * rho)
     + 32, at most K). Returns {layer name: new rank}.
@@ -173,7 +179,7 @@ def eva_(model: nn.Module, dataloader: Iterable, *, rho: Optional[float] = None,
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _nullcontext()
     training = model.training
     model.eval()
-    state = {"mask": None, "inputs": {}}
+    state = {"mask": None, "inputs": {}, "call_order": [], "last_active": None}
 
     def prepared(name, x):
         if prepare_layer_inputs_fn is not None:
@@ -185,12 +191,15 @@ def eva_(model: nn.Module, dataloader: Iterable, *, rho: Optional[float] = None,
     def capture_hook(name):
         def hook(module, args, output):
             state["inputs"][name] = args[0]
+            state["call_order"].append(name)
         return hook
 
     def sketch_hook(name):
         def hook(module, args, output):
             if not done[name]:
                 sketches[name].update(prepared(name, args[0]), tau)
+            if name == state["last_active"] and early_exit:
+                raise _ForwardNoLongerNeeded  # the layers after this one have all converged
         return hook
 
     batches = cycle(dataloader)
@@ -246,7 +255,12 @@ def eva_(model: nn.Module, dataloader: Iterable, *, rho: Optional[float] = None,
                                   f"{[n for n in leaders if not done[n]]}")
                     break
                 state["mask"] = _token_mask(batch, use_label_mask, label_mask_value)
-                forward_fn(model, batch)
+                active = [n for n in state["call_order"] if n in done and not done[n]]
+                state["last_active"] = active[-1] if active else None
+                try:
+                    forward_fn(model, batch)
+                except _ForwardNoLongerNeeded:
+                    pass
                 seen += 1
                 if all(s.ratio is not None for s in sketches.values()):
                     rank_dist = _rank_distribution(order, leader_of, sketches, max_components, budget, followers)
@@ -264,6 +278,10 @@ def eva_(model: nn.Module, dataloader: Iterable, *, rho: Optional[float] = None,
         components[n] = u
     _load(model, views, components, adjust, adapter_name, peft_cfg is not None)
     return {n: rank_dist[n] for n in names}
+
+
+class _ForwardNoLongerNeeded(Exception):
+    """Raised by the hook of the last layer EVA still needs, to skip the rest of a forward pass."""
 
 
 class _nullcontext:

@@ -78,6 +78,24 @@ def test_pissa_exact_equals_peft_pissa(use_rslora):
     assert all(sd[k].dtype == sd_ref[k].dtype for k in sd)
 
 
+def test_pissa_peft_model_saves_and_loads(tmp_path):
+    from peft import PeftModel
+    base = MLP()
+    ours = peft_model(base)
+    li.pissa_(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    residual = copy.deepcopy(ours).merge_and_unload()  # W_res + s B A = W: the base model again
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(residual(x), base(x), atol=1e-5, rtol=1e-5)
+    # The usual PiSSA flow: the residual base is saved with the adapter and both load back.
+    res_base = copy.deepcopy(base)
+    for name, mine in adapters(ours).items():
+        res_base.get_submodule(name.rsplit(".", 1)[-1]).weight.data = mine.base_layer.weight.detach().clone()
+    loaded = PeftModel.from_pretrained(res_base, tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x), ours(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loaded(x), base(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_pissa_keeps_the_output_and_finds_the_principal_subspace(dtype):
     base = MLP().to(dtype)

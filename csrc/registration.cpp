@@ -217,6 +217,29 @@ TORCH_LIBRARY(lrk, m) {
       "kpsvd(Tensor weight, int m1, int m2, int n1, int n2, int rank, str method=\"auto\", int oversample=20, "
       "int power_iters=8, int seed=0) -> (Tensor, Tensor, Tensor)");
 
+  // ---- spectral adapter initialisation: PiSSA, LoRA-GA, LoRA-One, EVA --------------
+  // Leading `rank` singular triplets of a [n, m]: (u [n, rank], s [rank], vh [rank, m]),
+  // float64 for float64 a, else float32. method "exact" (full SVD) or "randomized"
+  // (range finder with rank + oversample Philox-Gaussian columns from seed and
+  // power_iters power iterations, Cholesky-QR2 orthonormalisation). Signs: the
+  // largest-magnitude entry of each row of vh is positive (u's column flips with it).
+  m.def(
+      "truncated_svd(Tensor a, int rank, str method=\"randomized\", int oversample=8, int power_iters=2, "
+      "int seed=0) -> (Tensor, Tensor, Tensor)");
+  // Two-sided sketch of a linear layer's weight gradient G = grad_out^T @ x [N, K]
+  // (grad_out [..., N], x [..., K]), without forming G: y [N, l1] += G @ omega
+  // (omega [K, l1]), z [K, l2] += G^T @ psi (psi [N, l2]); sketches float32/float64.
+  m.def(
+      "sketch_update(Tensor(a!) y, Tensor(b!) z, Tensor grad_out, Tensor x, Tensor omega, Tensor psi) -> ()");
+  // Range-finder sketch of a layer's input covariance: y [K, l] += x^T @ (x @ omega).
+  m.def("gram_sketch_update(Tensor(a!) y, Tensor x, Tensor omega) -> ()");
+  // Truncated SVD of G from y = G omega and z = G^T psi (l2 >= l1): (u, s, vh) as
+  // truncated_svd, with its sign rule.
+  m.def("sketch_svd(Tensor y, Tensor z, Tensor psi, int rank) -> (Tensor, Tensor, Tensor)");
+  // Leading eigenpairs of a PSD C [K, K] from y = C omega (omega [K, l] orthonormal
+  // columns), shifted Nystrom: (eigenvalues [rank] descending, eigenvectors [rank, K]).
+  m.def("nystrom_eigh(Tensor y, Tensor omega, int rank) -> (Tensor, Tensor)");
+
   // ---- sparse updates: SDDMM, selection, SaRA, SNELL (ops.md section 4) ----------
   // Masked gradient dDelta[mask] = (grad_y^T @ x)[mask], never the dense [N, K]
   // product. grad_y [..., N] and x [..., K] share their leading dims (tokens);

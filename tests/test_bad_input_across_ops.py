@@ -10,6 +10,7 @@ from lrk import kron_ops as ko
 from lrk import multi_lora_ops as mlo
 from lrk import quant_ops as qo
 from lrk import sparse_ops as sp
+from lrk import spectral_ops as so
 from conftest import CUDA_SKIP
 
 
@@ -59,7 +60,27 @@ def _device_mix_cases():
     def project(dev):
         return go.project(torch.randn(4, 6, device=dev["grad"]), torch.randn(4, 2, device=dev["proj"]), True)
 
+    def sketch(dev):
+        return so.sketch_update(torch.zeros(6, 3, device=dev["y"]), torch.zeros(4, 7, device=dev["z"]),
+                                torch.randn(2, 6, device=dev["grad_out"]), torch.randn(2, 4, device=dev["x"]),
+                                torch.randn(4, 3, device=dev["omega"]), torch.randn(6, 7, device=dev["psi"]))
+
+    def gram(dev):
+        return so.gram_sketch_update(torch.zeros(4, 2, device=dev["y"]), torch.randn(3, 4, device=dev["x"]),
+                                     torch.randn(4, 2, device=dev["omega"]))
+
+    def sketch_svd(dev):
+        return so.sketch_svd(torch.randn(6, 3, device=dev["y"]), torch.randn(4, 7, device=dev["z"]),
+                             torch.randn(6, 7, device=dev["psi"]), 2)
+
+    def nystrom(dev):
+        return so.nystrom_eigh(torch.randn(4, 2, device=dev["y"]), torch.randn(4, 2, device=dev["omega"]), 1)
+
     return [
+        ("sketch_update", sketch, ["y", "z", "grad_out", "omega", "psi"]),
+        ("gram_sketch_update", gram, ["y", "omega"]),
+        ("sketch_svd", sketch_svd, ["z", "psi"]),
+        ("nystrom_eigh", nystrom, ["omega"]),
         ("lora_fused", lora, ["weight", "lora_a", "lora_b"]),
         ("dora_fused", dora, ["magnitude"]),
         ("kron_linear", kron, ["u", "v"]),
@@ -82,7 +103,7 @@ CASES = [(op, fn, arg) for op, fn, args in _device_mix_cases() for arg in args]
 def test_device_mix_names_the_argument(op, fn, arg):
     dev = {name: "cuda" for name in ("x", "weight", "lora_a", "lora_b", "magnitude", "u", "v", "ranks", "adapter_ids",
                                      "grad_y", "block_indices", "grad", "proj", "kernel_params", "packed", "absmax",
-                                     "code", "absmax_q", "absmax2", "code2")}
+                                     "code", "absmax_q", "absmax2", "code2", "y", "z", "grad_out", "omega", "psi")}
     dev[arg] = "cpu"
     with pytest.raises(RuntimeError, match=arg):
         fn(dev)
@@ -109,6 +130,14 @@ def test_device_mix_names_the_argument(op, fn, arg):
         (lambda: qo.qlora_fused(torch.randn(4, 16), qo.Weight4bit(torch.zeros(64, dtype=torch.uint8), torch.ones(2),
                                                                   torch.randn(16), 64, 8, 16),
                                 None, torch.randn(2, 16), torch.randn(9, 2)), "lora_b: expected size 8 in dim 0"),
+        (lambda: so.truncated_svd(torch.randn(6, 4), 5), r"rank: expected 1 <= rank <= min\(a.shape\) = 4"),
+        (lambda: so.truncated_svd(torch.randn(6, 4), 2, "svd"), "method"),
+        (lambda: so.sketch_update(torch.zeros(6, 3), torch.zeros(4, 7), torch.randn(2, 6), torch.randn(2, 4),
+                                  torch.randn(4, 2), torch.randn(6, 7)), "y: expected size 2 in dim 1"),
+        (lambda: so.gram_sketch_update(torch.zeros(5, 2), torch.randn(3, 4), torch.randn(4, 2)),
+         "y: expected size 4 in dim 0"),
+        (lambda: so.sketch_svd(torch.randn(6, 3), torch.randn(4, 7), torch.randn(6, 7), 4), "rank"),
+        (lambda: so.nystrom_eigh(torch.randn(4, 2), torch.randn(4, 2), 3), "rank"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

@@ -9,8 +9,9 @@ from ._version import __version__ as _base_version
 _loader.load()
 
 from . import ops, reference  # noqa: E402  (registers fakes and autograd)
-from . import galore_ops, kron_ops, kron_select, multi_lora_ops, quant_ops, quantize, sparse_ops  # noqa: E402
+from . import galore_ops, kron_ops, kron_select, multi_lora_ops, quant_ops, quantize, sparse_ops, spectral_ops  # noqa: E402
 from . import reference_galore, reference_kron, reference_multi_lora, reference_quant, reference_sparse  # noqa: E402
+from . import reference_spectral  # noqa: E402
 from . import nn, optim  # noqa: E402
 from ._loader import build_info, has_cuda_kernels  # noqa: E402
 from .multi_lora_ops import (  # noqa: E402
@@ -46,7 +47,7 @@ __all__ = [
     "add_multi_lora_", "GaLoreAdamW", "kron_linear", "kron_dense", "kpsvd", "KronFactors",
     "sddmm_block", "sddmm_csr", "abs_kth_value", "abs_topk_mask", "block_scores", "sparse_grad_linear_block",
     "sparse_grad_linear_csr", "snell_linear", "snell_delta", "snella_linear", "snella_delta",
-    "ops", "multi_lora_ops", "galore_ops", "kron_ops", "kron_select", "sparse_ops", "reference", "reference_multi_lora",
+    "ops", "multi_lora_ops", "galore_ops", "spectral_ops", "reference_spectral", "kron_ops", "kron_select", "sparse_ops", "reference", "reference_multi_lora",
     "reference_galore", "reference_kron", "reference_sparse", "nn", "optim", "has_cuda_kernels", "build_info",
     "__version__",
 ]

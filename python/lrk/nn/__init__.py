@@ -1,4 +1,5 @@
 """Modules built on lrk's ops."""
+from . import init
 from .kron import KronLinear, apply_kron, load_peft_lokr, prune_kron
 from .linear4bit import Linear4bit
 from .lora import LoRALinear, apply_lora
@@ -8,6 +9,7 @@ from .snell import SNELLLinear, apply_snell, merge_snell
 from .snell_budget import SNELLImportance, allocate_snell_budget, snell_budget_schedule, snell_layers
 
 __all__ = [
+    "init",
     "LoRALinear", "apply_lora", "Linear4bit",
     "MultiLoRALinear", "MultiLoRABatch", "MultiLoRAManager", "apply_multi_lora",
     "KronLinear", "apply_kron", "prune_kron", "load_peft_lokr",

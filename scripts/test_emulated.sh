@@ -21,9 +21,14 @@ done
 
 echo "=== emulated CUDA kernels under AddressSanitizer + UBSan"
 bash scripts/build_emulated.sh --sanitize
-SELECTION=${LRK_EMU_SANITIZE_TESTS:-$(python -m pytest --collect-only -q -m emu -p no:cacheprovider tests 2>/dev/null \
-  | python scripts/sanitized_selection.py)}
-echo "[test_emulated] sanitized run: $(echo "$SELECTION" | wc -w) tests"
+# One test id per line: parametrized ids may hold spaces (a shape "(3, 8)").
+if [ -n "${LRK_EMU_SANITIZE_TESTS:-}" ]; then
+  read -r -a SELECTION <<< "$LRK_EMU_SANITIZE_TESTS"
+else
+  mapfile -t SELECTION < <(python -m pytest --collect-only -q -m emu -p no:cacheprovider tests 2>/dev/null \
+    | python scripts/sanitized_selection.py)
+fi
+echo "[test_emulated] sanitized run: ${#SELECTION[@]} tests"
 t0=$(date +%s)
 # The sanitizer runtime must come first; libstdc++ with it, so that its
 # exception interceptors find the functions they wrap (python itself does not
@@ -32,5 +37,5 @@ t0=$(date +%s)
 PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 LD_PRELOAD=$PRELOAD ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 LRK_EMU_SANITIZED=1 LRK_EMU_ORDER=shuffled LRK_EMU_SEED=5 \
-  python -m pytest -q -m emu -p no:cacheprovider $SELECTION
+  python -m pytest -q -m emu -p no:cacheprovider "${SELECTION[@]}"
 echo "[test_emulated] sanitized: $(( $(date +%s) - t0 )) s"

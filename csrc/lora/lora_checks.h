@@ -52,19 +52,26 @@ inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight,
   return LoraDims{x.numel() / std::max<int64_t>(K, 1), K, N, r};
 }
 
+// Backward's grad_y [..., N] and h [..., r]: x's leading dims (M rows), dtype and device.
+// Shared by every LoRA-style backward (plain and 4-bit weights).
+inline void check_grad_y_and_h(const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& x, int64_t M,
+                               int64_t N, int64_t r) {
+  check_float_tensor(grad_y, "grad_y");
+  check_same_dtype(grad_y, "grad_y", x, "x");
+  check_same_device(grad_y, "grad_y", x, "x");
+  check_leading_dims_like(grad_y, "grad_y", x, N);
+  check_float_tensor(h, "h");
+  check_same_dtype(h, "h", x, "x");
+  check_same_device(h, "h", x, "x");
+  TORCH_CHECK(h.size(-1) == r && h.numel() == M * r, "h: expected shape [..., ", r,
+              "] with the leading dims of x ", x.sizes(), ", got ", h.sizes());
+}
+
 inline LoraDims check_lora_bwd_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& h,
                                       double scale, double dropout_p) {
   const LoraDims d = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, scale, dropout_p);
-  check_float_tensor(grad_y, "grad_y");
-  check_same_dtype(grad_y, "grad_y", x, "x");
-  check_same_device(grad_y, "grad_y", x, "x");
-  check_leading_dims_like(grad_y, "grad_y", x, d.N);
-  check_float_tensor(h, "h");
-  check_same_dtype(h, "h", x, "x");
-  check_same_device(h, "h", x, "x");
-  TORCH_CHECK(h.size(-1) == d.r && h.numel() == d.M * d.r, "h: expected shape [..., ", d.r,
-              "] with the leading dims of x ", x.sizes(), ", got ", h.sizes());
+  check_grad_y_and_h(grad_y, h, x, d.M, d.N, d.r);
   return d;
 }
 

@@ -2,6 +2,7 @@
 // Argument validation of the fused QLoRA / QDoRA ops (csrc/quant/qlora.cpp).
 #include <optional>
 
+#include "lora/lora_checks.h"
 #include "quant/quant4_checks.h"
 
 namespace lrk {
@@ -49,15 +50,7 @@ inline QloraDims check_qlora_inputs(const at::Tensor& x, const Weight4bitDims& w
 // grad_y [..., N] and h [..., r] with x's leading dims, x's dtype and device.
 inline void check_qlora_bwd_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,
                                    const QloraDims& d) {
-  check_float_tensor(grad_y, "grad_y");
-  check_same_dtype(grad_y, "grad_y", x, "x");
-  check_same_device(grad_y, "grad_y", x, "x");
-  check_leading_dims_like(grad_y, "grad_y", x, d.N);
-  check_float_tensor(h, "h");
-  check_same_dtype(h, "h", x, "x");
-  check_same_device(h, "h", x, "x");
-  TORCH_CHECK(h.size(-1) == d.r && h.numel() == d.M * d.r, "h: expected shape [..., ", d.r,
-              "] with the leading dims of x ", x.sizes(), ", got ", h.sizes());
+  check_grad_y_and_h(grad_y, h, x, d.M, d.N, d.r);
 }
 
 }  // namespace lrk
